@@ -1,0 +1,1 @@
+"""Deployments: ways to start the flows (schedules, workers, watchers)."""

@@ -1,0 +1,1 @@
+"""Prefect flows: compose the tasks in tasks/ (no logic of their own)."""

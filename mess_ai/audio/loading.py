@@ -1,0 +1,99 @@
+"""Decode an audio file to one mono float32 signal at the model's sample rate, in bounded memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from mess_ai.audio.validation import _libsndfile_message
+from mess_ai.errors import AudioError
+
+_STAGE = "load"
+# Room for the resampler's rounding and for MP3 headers that underestimate the length a little.
+_LENGTH_MARGIN = 64
+
+
+def load_mono(path: str | Path, target_sample_rate: int, *, block_seconds: float = 30.0) -> np.ndarray:
+    """Decode ``path``, average its channels and resample to ``target_sample_rate``: float32 [n_samples].
+
+    The file is decoded ``block_seconds`` at a time and streamed through the resampler into one output array
+    allocated up front from the header's length, so the peak memory is the mono output plus one multichannel block,
+    never the whole file as multichannel float. The output is trimmed to what was actually decoded (MP3 headers only
+    estimate their length); a file that decodes to no samples at all raises ``AudioError``, as do decode errors and
+    NaN/inf samples. Equal rates skip resampling, so the samples come back unchanged apart from the channel average.
+    """
+    if target_sample_rate <= 0:
+        raise ValueError(f"target_sample_rate must be positive, got {target_sample_rate}")
+    if block_seconds <= 0:
+        raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+    try:
+        # libsndfile reports every OS failure as "System error"; opening it here first keeps the OS's own words.
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise AudioError(path, f"cannot read the file ({err.strerror})", _STAGE) from err
+    try:
+        with sf.SoundFile(os.fspath(path)) as audio:
+            signal = _decode(path, audio, target_sample_rate, block_seconds)
+    except sf.SoundFileError as err:
+        raise AudioError(path, f"cannot decode the audio ({_libsndfile_message(err)})", _STAGE) from err
+    if signal.size == 0:
+        raise AudioError(path, "decodes to no audio samples", _STAGE)
+    return signal
+
+
+def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, block_seconds: float) -> np.ndarray:
+    """The block loop of ``load_mono``: float32 [n_samples] at ``target_sample_rate``."""
+    in_rate = audio.samplerate
+    resampler = None
+    if in_rate != target_sample_rate:
+        resampler = soxr.ResampleStream(in_rate, target_sample_rate, 1, dtype="float32", quality="HQ")
+    block_frames = max(1, int(block_seconds * in_rate))
+    # Integer ceiling of frames * out / in, exact however long the file.
+    expected = -(-max(audio.frames, 0) * target_sample_rate // in_rate) + _LENGTH_MARGIN
+    out = np.empty(expected, dtype=np.float32)
+    written = 0
+    frames_read = 0
+    while True:
+        try:
+            block = audio.read(block_frames, dtype="float32", always_2d=True)
+        except sf.SoundFileError as err:
+            raise AudioError(path, f"cannot decode the audio near {frames_read / in_rate:.1f} s "
+                                   f"({_libsndfile_message(err)})", _STAGE) from err
+        last = len(block) == 0
+        mono = block.mean(axis=1, dtype=np.float32)
+        # Frees the multichannel block before the resampler allocates its output: one less block at the peak.
+        del block
+        if not last:
+            _check_finite(path, mono, frames_read, in_rate)
+            frames_read += len(mono)
+        if resampler is not None:
+            mono = resampler.resample_chunk(mono, last=last)
+        out = _append(out, written, mono)
+        written += len(mono)
+        if last:
+            break
+    # In-place shrink: a trimmed copy would briefly hold the output twice.
+    out.resize(written, refcheck=False)
+    return out
+
+
+def _check_finite(path: str | Path, mono: np.ndarray, first_frame: int, sample_rate: int) -> None:
+    """Raise ``AudioError`` naming the time of the first NaN/inf sample (they would smear through the resampler)."""
+    if np.isfinite(mono).all():
+        return
+    at = (first_frame + int(np.argmin(np.isfinite(mono)))) / sample_rate
+    raise AudioError(path, f"contains non-finite samples (NaN or inf) near {at:.1f} s", _STAGE)
+
+
+def _append(out: np.ndarray, written: int, chunk: np.ndarray) -> np.ndarray:
+    """Copy ``chunk`` into ``out`` after ``written`` samples, growing ``out`` in place when the header was short."""
+    needed = written + len(chunk)
+    if needed > len(out):
+        out.resize(max(needed, len(out) + len(out) // 4), refcheck=False)
+    out[written:needed] = chunk
+    return out

@@ -1,0 +1,244 @@
+"""The ``mess-ai`` command line: thin shells over the library functions the flows call too.
+
+Exit codes: 0 everything done / clean, 1 some files failed / problems found, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mess_ai.errors import MessError
+
+log = logging.getLogger("mess_ai.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+class _Progress:
+    """A progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.total = 0
+        self.count = 0
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "plan":
+            self.total = info["pending"]
+            if self.tty and self.total:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, unit="file", desc="extracting", dynamic_ncols=True)
+        elif event == "file":
+            self.count += 1
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(info["relative_path"][-40:])
+            else:
+                what = "done" if info["status"] == "done" else f"FAILED at {info['stage']}: {info['reason']}"
+                log.info("[%d/%d] %s: %s", self.count, self.total, info["relative_path"], what)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _extract_config(args: argparse.Namespace):
+    from mess_ai.audio import WindowSpec
+    from mess_ai.pipeline import ExtractConfig
+
+    return ExtractConfig(model=args.model, revision=args.revision, device=args.device, precision=args.precision,
+                         batch_size=args.batch_size, keep_raw=args.keep_raw,
+                         window=WindowSpec(args.window_seconds, args.hop_seconds, args.min_duration),
+                         trust_remote_code=args.trust_remote_code)
+
+
+def print_summary(summary: Any, out: Any = None) -> None:
+    """The end-of-run report a person reads."""
+    p = lambda *a: print(*a, file=out or sys.stdout)  # noqa: E731
+    rtf = summary.real_time_factor
+    p(f"mess-ai: {summary.discovered} audio files in {summary.audio_dir} -> store {summary.store}, "
+      f"dataset '{summary.dataset}'")
+    p(f"  extracted: {summary.done}   unchanged (skipped): {summary.unchanged}   failed: {summary.failed}"
+      + (f"   failed before, unchanged: {summary.previously_failed}" if summary.previously_failed else ""))
+    if summary.done:
+        p(f"  audio extracted: {_format_seconds(summary.audio_seconds)} in {_format_seconds(summary.wall_seconds)}"
+          + (f" ({rtf:.1f}x real time)" if rtf else ""))
+    elif not summary.model_loaded:
+        p("  nothing new to extract: the model was not loaded")
+    if summary.failures:
+        p("  failed files:")
+        for f in summary.failures:
+            p(f"    {f.relative_path}  [{f.stage}] {f.reason}  (attempts: {f.attempts})")
+    if summary.integrity_problems:
+        p("  store problems:")
+        for problem in summary.integrity_problems:
+            p(f"    {problem}")
+    p(f"  features: {Path(summary.store) / summary.dataset}/{{segments,aggregated}}/<track_id>.npy")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from mess_ai.pipeline import run_extraction
+
+    progress = _Progress()
+    try:
+        summary = run_extraction(args.audio_dir, args.store, dataset=args.dataset, config=_extract_config(args),
+                                 only_failed=args.only_failed, manifest_url=args.manifest_url, progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    else:
+        print_summary(summary)
+    return summary.exit_code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mess_ai.store import check_store
+
+    report = check_store(args.store, args.dataset, args.manifest_url, check_values=not args.quick)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"checked {report.tracks_checked} tracks, {report.files_checked} files in "
+              f"{', '.join(report.datasets) or 'no dataset'}: "
+              + ("OK" if report.ok else f"{len(report.problems)} problems"))
+        for p in report.problems:
+            print(f"  {p.path or p.track_id}: {p.reason}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    from mess_ai.store import FAILED, Manifest
+    from mess_ai.store.layout import MANIFEST_FILE
+    from mess_ai.store.manifest import sqlite_url
+
+    manifest_path = Path(args.store) / MANIFEST_FILE
+    if args.manifest_url is None and not manifest_path.exists():
+        raise MessError(f"no manifest at {manifest_path}: is {args.store} a mess-ai store?")
+    manifest = Manifest(args.manifest_url or sqlite_url(str(manifest_path)))
+    try:
+        rows = manifest.rows(args.dataset, FAILED)
+    finally:
+        manifest.close()
+    keys = ("dataset", "track_id", "relative_path", "source_path", "failure_stage", "error_class", "error_message",
+            "permanent", "attempts", "first_attempt_at", "last_attempt_at")
+    if args.json:
+        print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2, default=str))
+    else:
+        print(f"{len(rows)} failed files")
+        for r in rows:
+            last = r["last_attempt_at"].strftime("%Y-%m-%d %H:%M:%S") if r["last_attempt_at"] else "?"
+            kind = "will not retry unchanged bytes" if r["permanent"] else "retried on the next run"
+            print(f"  {r['dataset']}/{r['relative_path']}\n    stage: {r['failure_stage']}   reason: "
+                  f"{r['error_message']}\n    attempts: {r['attempts']}   last: {last} UTC   ({kind})")
+    return EXIT_OK
+
+
+def cmd_make_test_model(args: argparse.Namespace) -> int:
+    from mess_ai.features.model import write_test_model
+
+    path = write_test_model(args.directory, size=args.size, seed=args.seed, weights_format=args.format)
+    print(f"wrote a MERT-v1-format checkpoint with RANDOM weights ({args.size}) to {path}")
+    print("  its embeddings are meaningless: it is for tests, demos and benchmarks only")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mess_ai.demo import run_demo
+
+    return run_demo(Path(args.workdir))
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, type=Path, help="feature store folder")
+    p.add_argument("--dataset", default=None, help="dataset inside the store (default: all / the folder name)")
+    p.add_argument("--manifest-url", default=None,
+                   help="SQLAlchemy URL of the manifest (default: SQLite file manifest.sqlite in the store)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mess_ai.features.model import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="mess-ai", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="extract MERT features for new or changed audio files")
+    p.add_argument("audio_dir", type=Path, help="folder of recordings (searched recursively)")
+    _add_store_args(p)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default by device)")
+    p.add_argument("--keep-raw", action="store_true",
+                   help="also store raw frame-level hidden states (float16, about 10 GB per audio hour)")
+    p.add_argument("--window-seconds", type=float, default=5.0)
+    p.add_argument("--hop-seconds", type=float, default=2.5)
+    p.add_argument("--min-duration", type=float, default=1.0, help="shorter files are recorded as failed")
+    p.add_argument("--only-failed", action="store_true", help="re-run only the files whose last attempt failed")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a non-MERT hub model to run its own code (off by default)")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("check", help="verify the store: files, shapes, finite values, no orphans")
+    _add_store_args(p)
+    p.add_argument("--quick", action="store_true", help="shapes only, do not read every value")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("failures", help="list failed files with stage, reason and attempts")
+    _add_store_args(p)
+    p.set_defaults(func=cmd_failures)
+
+    p = sub.add_parser("make-test-model",
+                       help="write a MERT-v1-format checkpoint with RANDOM weights (tests, demo, benchmarks)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--size", choices=["tiny", "base"], default="tiny",
+                   help="tiny: well under 1 MB; base: the real MERT-v1-95M shape (about 380 MB)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    p.set_defaults(func=cmd_make_test_model)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic audio + a random-weight test model -> features")
+    p.add_argument("--workdir", default=".demo", help="where the demo writes everything (default .demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s" if args.verbose else "%(message)s")
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (MessError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        print(f"mess-ai: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mess-ai: interrupted; finished files are kept, the rest is redone on the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Integrity check of a feature store: every done track has valid files, and nothing else is lying around."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mess_ai.store.atomic import load_npy, target_of_temp
+from mess_ai.store.layout import SCALES, FeatureStore
+from mess_ai.store.manifest import DONE
+
+
+@dataclass(frozen=True)
+class Problem:
+    dataset: str
+    track_id: str | None
+    path: str | None
+    reason: str
+
+
+@dataclass
+class IntegrityReport:
+    datasets: list[str] = field(default_factory=list)
+    tracks_checked: int = 0
+    files_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "datasets": self.datasets, "tracks_checked": self.tracks_checked,
+                "files_checked": self.files_checked, "problems": [asdict(p) for p in self.problems]}
+
+
+def _check_file(path: Path, expected: tuple[int | None, ...], dtype: np.dtype, full: bool) -> str | None:
+    """None when the file is a finite array of the expected shape (None in ``expected`` matches any size)."""
+    if not path.exists():
+        return "missing"
+    try:
+        array = load_npy(path, mmap=True)
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {exc}"
+    if array.dtype != dtype:
+        return f"dtype {array.dtype}, expected {dtype}"
+    if len(array.shape) != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected)):
+        shown = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        return f"shape {list(array.shape)}, expected {shown}"
+    if full:
+        # Checked in blocks so a raw file of many GB never has to fit in memory.
+        step = max(1, (64 << 20) // max(1, array[0:1].nbytes))
+        for start in range(0, array.shape[0], step):
+            if not np.isfinite(array[start:start + step]).all():
+                return "contains non-finite values (NaN or inf)"
+    return None
+
+
+def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bool = True) -> None:
+    """Check one dataset of a store, adding what is wrong to ``report``."""
+    dataset = store.dataset
+    report.datasets.append(dataset)
+    provenance = store.read_provenance() or {}
+    n_states = provenance.get("num_hidden_states")
+    hidden = provenance.get("hidden_size")
+    rows = store.manifest.rows_by_track(dataset)
+    done = {tid: row for tid, row in rows.items() if row["status"] == DONE}
+    if done and not provenance:
+        report.problems.append(Problem(dataset, None, str(store.provenance_path), "provenance file is missing"))
+
+    for track_id, row in done.items():
+        report.tracks_checked += 1
+        n_windows = row["n_windows"]
+        expected = {
+            "segments": ((n_windows, n_states, hidden), np.dtype(np.float32)),
+            "aggregated": ((n_states, hidden), np.dtype(np.float32)),
+        }
+        for scale, (shape, dtype) in expected.items():
+            path = store.path(scale, track_id)
+            report.files_checked += 1
+            reason = _check_file(path, shape, dtype, check_values)
+            if reason:
+                report.problems.append(Problem(dataset, track_id, str(path), f"{scale}: {reason}"))
+        raw_path = store.path("raw", track_id)
+        if raw_path.exists():
+            report.files_checked += 1
+            reason = _check_file(raw_path, (n_windows, n_states, None, hidden), np.dtype(np.float16), check_values)
+            if reason:
+                report.problems.append(Problem(dataset, track_id, str(raw_path), f"raw: {reason}"))
+
+    for scale, path in store.feature_files():
+        if path.stem not in done and not store.lock(path.stem).held_elsewhere():
+            status = rows[path.stem]["status"] if path.stem in rows else "no manifest row"
+            report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
+    for temp in store.temp_files():
+        target = target_of_temp(temp)
+        if target is not None and target.parent != store.dataset_dir and store.lock(target.stem).held_elsewhere():
+            continue  # a run is writing this track right now
+        report.problems.append(Problem(dataset, None, str(temp), "temporary file left by an interrupted write"))
+
+
+def check_store(root: str | Path, dataset: str | None = None, manifest_url: str | None = None,
+                check_values: bool = True) -> IntegrityReport:
+    """Check one dataset, or every dataset folder of the store when ``dataset`` is None."""
+    root = Path(root)
+    report = IntegrityReport()
+    if not root.is_dir():
+        report.problems.append(Problem(dataset or "", None, str(root), "store folder does not exist"))
+        return report
+    names = [dataset] if dataset else sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+        and (any((p / s).is_dir() for s in SCALES) or (p / "provenance.json").exists())
+    )
+    for name in names:
+        store = FeatureStore(root, name, manifest_url)
+        try:
+            check_dataset(store, report, check_values)
+        finally:
+            store.close()
+    return report

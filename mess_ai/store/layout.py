@@ -1,0 +1,180 @@
+"""The feature store on disk: ``<store>/<dataset>/{raw,segments,aggregated}/<track_id>.npy``.
+
+Beside the scales: ``provenance.json`` (what produced the features), ``.locks/`` (per-track locks) and the
+store-wide manifest (``<store>/manifest.sqlite`` unless another SQLAlchemy URL is given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mess_ai.errors import StoreError
+from mess_ai.store.atomic import (
+    TEMP_MARKER,
+    atomic_npy_memmap,
+    atomic_save_npy,
+    atomic_write_json,
+    read_npy_header,
+    target_of_temp,
+)
+from mess_ai.store.lock import TrackLock
+from mess_ai.store.manifest import Manifest, sqlite_url
+
+SCALES = ("raw", "segments", "aggregated")
+MANIFEST_FILE = "manifest.sqlite"
+PROVENANCE_FILE = "provenance.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
+
+
+def check_dataset_name(name: str) -> str:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"dataset name {name!r} is not usable as a folder name: use letters, digits, '.', '_' and '-' "
+            "(at most 100 characters, not starting with '.' or '-')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ExpectedShapes:
+    """What a track's files must look like: ``segments`` [n_windows, n_states, hidden], ``aggregated`` [n_states, hidden]."""
+
+    n_windows: int
+    n_states: int
+    hidden: int
+
+    @property
+    def segments(self) -> tuple[int, ...]:
+        return (self.n_windows, self.n_states, self.hidden)
+
+    @property
+    def aggregated(self) -> tuple[int, ...]:
+        return (self.n_states, self.hidden)
+
+
+class FeatureStore:
+    """One dataset of a store: where its files live, and how they are written, read and locked."""
+
+    def __init__(self, root: str | Path, dataset: str, manifest_url: str | None = None) -> None:
+        self.root = Path(root).absolute()
+        self.dataset = check_dataset_name(dataset)
+        self.dataset_dir = self.root / self.dataset
+        self.lock_dir = self.dataset_dir / ".locks"
+        try:
+            self.dataset_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store folder {self.dataset_dir}: {exc.strerror}") from exc
+        if not os.access(self.dataset_dir, os.W_OK):
+            raise StoreError(f"the store folder {self.dataset_dir} is not writable")
+        self.manifest = Manifest(manifest_url or sqlite_url(str(self.root / MANIFEST_FILE)))
+
+    def close(self) -> None:
+        self.manifest.close()
+
+    # --- paths -------------------------------------------------------------------------------------------
+    def path(self, scale: str, track_id: str) -> Path:
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; scales are {', '.join(SCALES)}")
+        return self.dataset_dir / scale / f"{track_id}.npy"
+
+    @property
+    def provenance_path(self) -> Path:
+        return self.dataset_dir / PROVENANCE_FILE
+
+    # --- provenance --------------------------------------------------------------------------------------
+    def write_provenance(self, provenance: dict[str, Any]) -> None:
+        atomic_write_json(self.provenance_path, provenance)
+
+    def read_provenance(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.provenance_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    # --- tracks ------------------------------------------------------------------------------------------
+    def lock(self, track_id: str) -> TrackLock:
+        return TrackLock(self.lock_dir, track_id)
+
+    def outputs_valid(self, track_id: str, shapes: ExpectedShapes, keep_raw: bool) -> bool:
+        """Cheap check (headers and sizes only) that a track's files exist with the expected shapes."""
+        try:
+            seg_shape, seg_dtype = read_npy_header(self.path("segments", track_id))
+            agg_shape, agg_dtype = read_npy_header(self.path("aggregated", track_id))
+            if seg_shape != shapes.segments or agg_shape != shapes.aggregated:
+                return False
+            if seg_dtype != np.float32 or agg_dtype != np.float32:
+                return False
+            if keep_raw:
+                raw_shape, raw_dtype = read_npy_header(self.path("raw", track_id))
+                if raw_shape[:2] != (shapes.n_windows, shapes.n_states) or raw_shape[3:] != (shapes.hidden,):
+                    return False
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def write_segments(self, track_id: str, segments: np.ndarray, aggregated: np.ndarray) -> None:
+        """segments: float32 [n_windows, n_states, hidden]; aggregated: float32 [n_states, hidden]."""
+        atomic_save_npy(self.path("segments", track_id), segments.astype(np.float32, copy=False))
+        atomic_save_npy(self.path("aggregated", track_id), aggregated.astype(np.float32, copy=False))
+
+    def raw_writer(self, track_id: str, shape: tuple[int, ...]):
+        """A memory map for raw: float16 [n_windows, n_states, frames, hidden], in place only once complete."""
+        return atomic_npy_memmap(self.path("raw", track_id), shape, np.float16)
+
+    def remove_outputs(self, track_id: str) -> None:
+        for scale in SCALES:
+            self.path(scale, track_id).unlink(missing_ok=True)
+
+    def feature_files(self) -> Iterator[tuple[str, Path]]:
+        """Every ``(scale, path)`` of a finished feature file in this dataset."""
+        for scale in SCALES:
+            folder = self.dataset_dir / scale
+            if folder.is_dir():
+                for entry in sorted(folder.iterdir()):
+                    if entry.suffix == ".npy" and not entry.name.startswith("."):
+                        yield scale, entry
+
+    def temp_files(self, track_id: str | None = None) -> list[Path]:
+        """Temporary files left by writes that never finished (a killed process)."""
+        found = []
+        for scale in SCALES:
+            folder = self.dataset_dir / scale
+            if not folder.is_dir():
+                continue
+            pattern = f".{track_id}.npy{TEMP_MARKER}*" if track_id else f".*{TEMP_MARKER}*"
+            found.extend(sorted(folder.glob(pattern)))
+        found.extend(sorted(self.dataset_dir.glob(f".*{TEMP_MARKER}*")) if track_id is None else [])
+        return found
+
+    def sweep_temp_files(self) -> list[Path]:
+        """Remove temporary files whose track no running process holds; returns what was removed."""
+        removed = []
+        for temp in self.temp_files():
+            target = target_of_temp(temp)
+            if target is None:
+                continue
+            if target.parent == self.dataset_dir:
+                # provenance has no track lock; a write of it takes milliseconds, so an old temp is orphaned.
+                if time.time() - temp.stat().st_mtime > 60:
+                    temp.unlink(missing_ok=True)
+                    removed.append(temp)
+                continue
+            lock = self.lock(target.stem)
+            try:
+                lock.acquire()
+            except StoreError:
+                continue
+            try:
+                temp.unlink(missing_ok=True)
+                removed.append(temp)
+            finally:
+                lock.release()
+        return removed

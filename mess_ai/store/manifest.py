@@ -1,0 +1,170 @@
+"""The manifest: one row per source file, recording what was extracted from which bytes, or why it failed.
+
+SQLAlchemy Core over a SQLite file in the store by default; any SQLAlchemy URL (PostgreSQL) can replace it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+from mess_ai.errors import StoreError
+
+DONE = "done"
+FAILED = "failed"
+PENDING = "pending"
+
+metadata = MetaData()
+
+tracks = Table(
+    "tracks",
+    metadata,
+    Column("dataset", String(200), primary_key=True),
+    Column("track_id", String(200), primary_key=True),
+    Column("source_path", Text, nullable=False),
+    Column("relative_path", Text, nullable=False),
+    Column("size", Integer),
+    Column("mtime_ns", Integer),
+    Column("sha256", String(64)),
+    Column("config_key", String(64)),
+    Column("status", String(16), nullable=False),
+    Column("failure_stage", String(32)),
+    Column("error_class", String(100)),
+    Column("error_message", Text),
+    # True when retrying the same bytes with the same config cannot help (undecodable, too short, ...).
+    Column("permanent", Boolean),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("first_attempt_at", DateTime(timezone=True)),
+    Column("last_attempt_at", DateTime(timezone=True)),
+    Column("duration_seconds", Float),
+    Column("n_windows", Integer),
+    Column("seconds_spent", Float),
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def sqlite_url(path: str) -> str:
+    return f"sqlite:///{path}"
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # Several processes share one SQLite file: wait for locks instead of failing, and use WAL so
+        # readers (``mess-ai check``, the UI) never block a writer.
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Manifest:
+    """Read and update the rows of one store's manifest."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = _make_engine(url)
+            metadata.create_all(self.engine)
+        except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
+            raise StoreError(f"cannot open the manifest at {url}: {exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def get(self, dataset: str, track_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(tracks).where(tracks.c.dataset == dataset, tracks.c.track_id == track_id)
+            ).mappings().first()
+        return dict(row) if row else None
+
+    def rows(self, dataset: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        query = select(tracks).order_by(tracks.c.dataset, tracks.c.relative_path)
+        if dataset is not None:
+            query = query.where(tracks.c.dataset == dataset)
+        if status is not None:
+            query = query.where(tracks.c.status == status)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def rows_by_track(self, dataset: str) -> dict[str, dict[str, Any]]:
+        return {r["track_id"]: r for r in self.rows(dataset)}
+
+    def begin_attempt(self, dataset: str, track_id: str, *, source_path: str, relative_path: str,
+                      size: int | None, mtime_ns: int | None, sha256: str | None, config_key: str) -> int:
+        """Mark a file as being attempted; returns the attempt number for these bytes and this config.
+
+        Attempts count from the last change of content or config: new bytes deserve fresh tries.
+        """
+        now = _now()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(tracks).where(tracks.c.dataset == dataset, tracks.c.track_id == track_id)
+            ).mappings().first()
+            values = dict(source_path=source_path, relative_path=relative_path, size=size, mtime_ns=mtime_ns,
+                          sha256=sha256, config_key=config_key, status=PENDING, last_attempt_at=now)
+            if row is None:
+                attempts = 1
+                conn.execute(tracks.insert().values(dataset=dataset, track_id=track_id, attempts=attempts,
+                                                    first_attempt_at=now, **values))
+            else:
+                same = row["sha256"] == sha256 and row["config_key"] == config_key and sha256 is not None
+                attempts = (row["attempts"] or 0) + 1 if same else 1
+                conn.execute(
+                    tracks.update()
+                    .where(tracks.c.dataset == dataset, tracks.c.track_id == track_id)
+                    .values(attempts=attempts,
+                            first_attempt_at=row["first_attempt_at"] if same and row["first_attempt_at"] else now,
+                            **values)
+                )
+        return attempts
+
+    def mark_done(self, dataset: str, track_id: str, *, duration_seconds: float, n_windows: int,
+                  seconds_spent: float) -> None:
+        self._update(dataset, track_id, status=DONE, failure_stage=None, error_class=None, error_message=None,
+                     permanent=None, duration_seconds=duration_seconds, n_windows=n_windows,
+                     seconds_spent=seconds_spent)
+
+    def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
+                    permanent: bool, seconds_spent: float, duration_seconds: float | None = None) -> None:
+        self._update(dataset, track_id, status=FAILED, failure_stage=stage, error_class=error_class,
+                     error_message=message, permanent=permanent, seconds_spent=seconds_spent,
+                     duration_seconds=duration_seconds, n_windows=None)
+
+    def forget(self, dataset: str, track_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(tracks.delete().where(tracks.c.dataset == dataset, tracks.c.track_id == track_id))
+
+    def _update(self, dataset: str, track_id: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                tracks.update().where(tracks.c.dataset == dataset, tracks.c.track_id == track_id).values(**values)
+            )
+            if result.rowcount != 1:
+                raise StoreError(f"manifest has no row for {dataset}/{track_id}")

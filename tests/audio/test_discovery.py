@@ -1,0 +1,155 @@
+"""discover_audio finds exactly the audio files under a root; make_track_id gives safe, unique, stable ids."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+
+import pytest
+
+from mess_ai.audio import AUDIO_EXTENSIONS, discover_audio, make_track_id
+from tests.helpers.audio import write_audio
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _relatives(root) -> list[str]:
+    return [source.relative for source in discover_audio(root)]
+
+
+def test_every_extension_in_any_case_is_found(tmp_path):
+    names = [f"t{i}{ext}" for i, ext in enumerate(AUDIO_EXTENSIONS)]
+    names += ["upper.WAV", "mixed.FlAc", "shout.MP3", "caps.AIFF"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    (tmp_path / "cover.jpg").write_bytes(b"x")
+    (tmp_path / "song.wav.bak").write_bytes(b"x")
+    assert _relatives(tmp_path) == sorted(names)
+
+
+def test_hidden_entries_and_macos_resource_forks_are_skipped(tmp_path):
+    write_audio(tmp_path / "keep.wav")
+    (tmp_path / ".hidden.wav").write_bytes(b"x")
+    (tmp_path / "._keep.wav").write_bytes(b"x")
+    (tmp_path / ".cache" / "inside.wav").parent.mkdir()
+    (tmp_path / ".cache" / "inside.wav").write_bytes(b"x")
+    assert _relatives(tmp_path) == ["keep.wav"]
+
+
+def test_directory_named_like_audio_is_walked_not_returned(tmp_path):
+    (tmp_path / "album.wav").mkdir()
+    (tmp_path / "album.wav" / "track.flac").write_bytes(b"x")
+    assert _relatives(tmp_path) == ["album.wav/track.flac"]
+
+
+def test_sources_carry_absolute_path_posix_relative_and_track_id(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c.ogg").write_bytes(b"x")
+    (source,) = discover_audio(str(tmp_path))
+    assert source.path == tmp_path / "a" / "b" / "c.ogg"
+    assert source.path.is_absolute()
+    assert source.relative == "a/b/c.ogg"
+    assert source.track_id == make_track_id("a/b/c.ogg")
+
+
+def test_order_is_sorted_and_repeatable(tmp_path):
+    for name in ["b/z.wav", "a/y.wav", "c.wav", "a/b/x.wav", "B.wav", "a.wav"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    first = discover_audio(tmp_path)
+    assert [s.relative for s in first] == sorted(s.relative for s in first)
+    assert discover_audio(tmp_path) == first
+
+
+def test_symlink_loop_is_not_followed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "song.wav").write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "self.wav")
+    assert _relatives(tmp_path) == ["a/song.wav"]
+
+
+def test_symlinks_leaving_the_root_or_broken_are_skipped(tmp_path):
+    outside = tmp_path / "outside"
+    root = tmp_path / "root"
+    (outside / "dir").mkdir(parents=True)
+    root.mkdir()
+    (outside / "secret.wav").write_bytes(b"x")
+    (outside / "dir" / "deep.wav").write_bytes(b"x")
+    os.symlink(outside / "secret.wav", root / "escape.wav")
+    os.symlink(outside / "dir", root / "linked_dir")
+    os.symlink(root / "missing.wav", root / "broken.wav")
+    assert _relatives(root) == []
+
+
+def test_symlinked_file_inside_the_root_is_kept_under_its_link_path(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "song.flac").write_bytes(b"x")
+    os.symlink(tmp_path / "real" / "song.flac", tmp_path / "alias.flac")
+    sources = discover_audio(tmp_path)
+    assert [s.relative for s in sources] == ["alias.flac", "real/song.flac"]
+    assert sources[0].path == tmp_path / "alias.flac"
+    assert sources[0].track_id != sources[1].track_id
+
+
+def test_root_reached_through_a_symlink_still_accepts_links_inside_it(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "song.wav").write_bytes(b"x")
+    os.symlink(tmp_path / "real" / "song.wav", tmp_path / "real" / "alias.wav")
+    os.symlink(tmp_path / "real", tmp_path / "via")
+    assert _relatives(tmp_path / "via") == ["alias.wav", "song.wav"]
+
+
+def test_missing_or_non_directory_root_is_refused_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_audio(tmp_path / "nope")
+    (tmp_path / "file.wav").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        discover_audio(tmp_path / "file.wav")
+
+
+def test_same_stem_in_two_folders_gets_two_ids(tmp_path):
+    for name in ["disc1/01.wav", "disc2/01.wav", "disc1_01.wav", "disc1/01.flac"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    ids = [s.track_id for s in discover_audio(tmp_path)]
+    assert len(set(ids)) == 4
+
+
+def test_track_id_is_readable_slug_plus_hash_of_the_relative_path():
+    digest = hashlib.sha256(b"Album/01 Intro.wav").hexdigest()[:12]
+    assert make_track_id("Album/01 Intro.wav") == f"Album_01_Intro-{digest}"
+
+
+def test_track_id_does_not_depend_on_unicode_normal_form():
+    composed = unicodedata.normalize("NFC", "Café/Élan.wav")
+    decomposed = unicodedata.normalize("NFD", "Café/Élan.wav")
+    assert composed != decomposed
+    assert make_track_id(composed) == make_track_id(decomposed)
+    assert make_track_id(composed).startswith("Cafe_Elan-")
+
+
+@pytest.mark.parametrize("relative", [
+    "../../etc/passwd.wav",
+    "..wav",
+    ".hidden.wav",
+    "-rf --no-preserve-root.wav",
+    "a/\"quoted\" and 'single'.mp3",
+    "  spaces  everywhere  .flac",
+    "日本語のタイトル.ogg",
+    "emoji 🎵 song.aiff",
+    "tab\tnew\nline.wav",
+    "not utf8 \udce9.wav",
+    "x" * 500 + ".wav",
+    "/".join(["deep"] * 80) + "/song.wav",
+])
+def test_hostile_names_give_safe_stable_ids(relative):
+    track_id = make_track_id(relative)
+    assert _SAFE_ID.fullmatch(track_id)
+    assert not track_id.startswith(("-", "."))
+    assert ".." not in track_id
+    assert len(track_id) <= 100
+    assert make_track_id(relative) == track_id

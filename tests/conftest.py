@@ -1,0 +1,20 @@
+"""Session-wide test setup: no network, no analytics, and one tiny MERT-format checkpoint on disk."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub or prefect: tests never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A MERT-v1-format checkpoint with random weights (hidden 32, 2 layers: 3 hidden states)."""
+    from mess_ai.features.model import write_test_model
+
+    return str(write_test_model(tmp_path_factory.mktemp("tiny-mert"), size="tiny", seed=0))

@@ -1,0 +1,36 @@
+from mess_ai.store import DONE, FAILED, PENDING, Manifest
+from mess_ai.store.manifest import sqlite_url
+
+
+def _attempt(m, sha="aa", key="k1"):
+    return m.begin_attempt("ds", "t1", source_path="/x/a.wav", relative_path="a.wav", size=10, mtime_ns=5,
+                           sha256=sha, config_key=key)
+
+
+def test_attempts_count_per_content_and_config(tmp_path):
+    m = Manifest(sqlite_url(str(tmp_path / "m.sqlite")))
+    assert _attempt(m) == 1
+    assert m.get("ds", "t1")["status"] == PENDING
+    m.mark_failed("ds", "t1", stage="load", error_class="OSError", message="disk hiccup", permanent=False,
+                  seconds_spent=0.1)
+    assert _attempt(m) == 2
+    m.mark_failed("ds", "t1", stage="load", error_class="OSError", message="disk hiccup", permanent=False,
+                  seconds_spent=0.1)
+    row = m.get("ds", "t1")
+    assert (row["status"], row["attempts"], row["failure_stage"], row["permanent"]) == (FAILED, 2, "load", False)
+    first = row["first_attempt_at"]
+    assert _attempt(m, sha="bb") == 1  # new bytes: fresh attempts
+    assert m.get("ds", "t1")["first_attempt_at"] >= first
+    m.mark_done("ds", "t1", duration_seconds=3.0, n_windows=1, seconds_spent=0.5)
+    row = m.get("ds", "t1")
+    assert row["status"] == DONE and row["error_message"] is None and row["n_windows"] == 1
+    assert [r["track_id"] for r in m.rows("ds", DONE)] == ["t1"]
+    assert m.rows("other") == []
+
+
+def test_manifest_survives_reopen(tmp_path):
+    url = sqlite_url(str(tmp_path / "m.sqlite"))
+    m = Manifest(url)
+    _attempt(m)
+    m.close()
+    assert Manifest(url).get("ds", "t1")["relative_path"] == "a.wav"

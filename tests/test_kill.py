@@ -1,0 +1,76 @@
+"""SIGKILL during extraction: nothing partial is left as a feature file, and a re-run finishes cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mess_ai.store import FeatureStore, check_store, load_npy
+from mess_ai.store.atomic import TEMP_MARKER
+from tests.helpers.audio import write_audio
+
+
+def _start(audio, store, model):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mess_ai.cli", "-q", "extract", str(audio), "--store", str(store), "--model", model,
+         "--device", "cpu", "--keep-raw", "--batch-size", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_progress(store, proc, timeout=120.0):
+    """Until the first feature file or temporary file exists: the run is mid-way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"extraction ended before it could be killed: {proc.stderr.read().decode()}")
+        if any(p.suffix == ".npy" or TEMP_MARKER in p.name for p in store.rglob("*") if p.is_file()):
+            return
+        time.sleep(0.01)
+    pytest.fail("no progress to interrupt")
+
+
+N_FILES = 12
+
+
+@pytest.mark.parametrize("extra_delay", [0.0, 1.0])
+def test_sigkill_mid_run_then_rerun_is_clean(tmp_path, tiny_model, extra_delay):
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    for i in range(N_FILES):
+        write_audio(audio / f"track{i}.wav", seconds=40.0, sample_rate=44100, seed=i)
+    proc = _start(audio, store, tiny_model)
+    _wait_for_progress(store, proc)
+    time.sleep(extra_delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    # Whatever a feature file is there must be complete: every .npy reads back whole.
+    for path in store.rglob("*.npy"):
+        if TEMP_MARKER not in path.name:
+            load_npy(path)
+    fs = FeatureStore(store, "audio")
+    done_before = {r["track_id"] for r in fs.manifest.rows("audio", "done")}
+    assert len(done_before) < N_FILES, "the kill came too late to interrupt anything"
+    fs.close()
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "mess_ai.cli", "extract", str(audio), "--store", str(store), "--model", tiny_model,
+         "--device", "cpu", "--keep-raw"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    report = check_store(store)
+    assert report.ok, report.problems
+    assert not [p for p in store.rglob("*") if TEMP_MARKER in p.name]
+    fs = FeatureStore(store, "audio")
+    rows = fs.manifest.rows("audio")
+    assert len(rows) == N_FILES and all(r["status"] == "done" for r in rows)
+    for r in rows:
+        segments = load_npy(fs.path("segments", r["track_id"]))
+        assert segments.shape == (r["n_windows"], 3, 32) and np.isfinite(segments).all()
+    fs.close()
