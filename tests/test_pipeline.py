@@ -286,3 +286,16 @@ def test_async_variant(tmp_path, tiny_model):
     write_audio(tmp_path / "audio" / "t.wav", seconds=2.0)
     summary = asyncio.run(run_extraction_async(tmp_path / "audio", tmp_path / "store", config=config(tiny_model)))
     assert summary.done == 1 and summary.exit_code == 0
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path, tiny_model):
+    """The CUDA precision path (bf16 autocast) exercised on the CPU: close to fp32, not identical."""
+    write_audio(tmp_path / "audio" / "t.wav", seconds=6.0, seed=5)
+    fp32 = run_extraction(tmp_path / "audio", tmp_path / "a", config=config(tiny_model, precision="fp32"))
+    bf16 = run_extraction(tmp_path / "audio", tmp_path / "b", config=config(tiny_model, precision="bf16"))
+    tid = fp32.outcomes[0].track_id
+    a = load_npy(tmp_path / "a" / "audio" / "segments" / f"{tid}.npy").reshape(-1, 32)
+    b = load_npy(tmp_path / "b" / "audio" / "segments" / f"{tid}.npy").reshape(-1, 32)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.99 and not np.array_equal(a, b)
+    assert FeatureStore(tmp_path / "b", "audio").read_provenance()["precision"] == "bf16"
