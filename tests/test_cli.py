@@ -102,6 +102,8 @@ def test_failures_lists_stage_reason_attempts(tmp_path, tiny_model, capsys):
     out = capsys.readouterr().out
     assert "short.wav" in out and "attempts: 1" in out
     assert main(["failures", "--store", str(tmp_path / "nostore")]) == 2
+    assert main(["check", "--store", str(store), "--dataset", "nope"]) == 1
+    assert not (store / "nope").exists()
 
 
 def test_only_failed_retries_failed_files(tmp_path, tiny_model, capsys):

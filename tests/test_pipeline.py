@@ -36,6 +36,7 @@ def make_folder(root):
         "b/stereo22k.mp3": dict(seconds=4.0, sample_rate=22050, channels=2, frequency=660),
         "c/short_2s.wav": dict(seconds=2.0, sample_rate=24000, subtype="FLOAT", frequency=440),
         "c/exact_10s_8k.wav": dict(seconds=10.0, sample_rate=8000, frequency=300),
+        "c/hires96k.wav": dict(seconds=3.0, sample_rate=96000, channels=2, subtype="PCM_24", frequency=880),
     }
     for name, kwargs in good.items():
         write_audio(root / name, **kwargs)
@@ -62,7 +63,7 @@ def extracted(tmp_path_factory, tiny_model):
 
 def test_good_files_done_bad_files_recorded(extracted):
     audio, store, summary = extracted
-    assert (summary.discovered, summary.done, summary.failed) == (11, 6, 5)
+    assert (summary.discovered, summary.done, summary.failed) == (12, 7, 5)
     assert summary.exit_code == 1
     failures = {f.relative_path: f for f in summary.failures}
     assert failures["bad/empty.wav"].stage == "validate" and "empty" in failures["bad/empty.wav"].reason
@@ -146,7 +147,7 @@ def test_rerun_unchanged_loads_no_model_and_writes_nothing(extracted):
     summary = run_extraction(audio, store, dataset="ds", config=config(first_model(extracted)),
                              model_loader=no_model)
     assert summary.model_loaded is False
-    assert (summary.unchanged, summary.done, summary.failed, summary.previously_failed) == (6, 0, 0, 5)
+    assert (summary.unchanged, summary.done, summary.failed, summary.previously_failed) == (7, 0, 0, 5)
     assert snapshot() == before
 
 

@@ -115,6 +115,9 @@ def check_store(root: str | Path, dataset: str | None = None, manifest_url: str 
         and (any((p / s).is_dir() for s in SCALES) or (p / "provenance.json").exists())
     )
     for name in names:
+        if not (root / name).is_dir():
+            report.problems.append(Problem(name, None, str(root / name), "dataset folder does not exist"))
+            continue
         store = FeatureStore(root, name, manifest_url)
         try:
             check_dataset(store, report, check_values)
