@@ -1,8 +1,10 @@
-"""The extraction pipeline as a library call: discover → validate → load → extract → write → integrity.
+"""The extraction pipeline: discover → validate → preprocess → extract → write → integrity.
 
-Plain Python, no Prefect: the CLI and the Prefect tasks call these same functions. A bad file is recorded in
-the manifest with its stage and reason, and the run goes on. Unchanged files are skipped without loading
-the model. Every output is written atomically and a track is marked done only once all its files are in place.
+``ExtractionSession`` holds the stages for one dataset of a store and one config; ``run_extraction`` runs them
+in plain Python, and the Prefect flow (``flows/extract.py``) runs the same stages as tasks over chunks of files.
+A bad file is recorded in the manifest with its stage and reason, and the run goes on. Unchanged files are
+skipped without loading the model. Every output is written atomically, and a track is marked done only once all
+its files are in place.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import numpy as np
 
@@ -26,13 +28,14 @@ from mess_ai.audio import AudioSource, WindowSpec, discover_audio, load_mono, pr
 from mess_ai.errors import InputError, MessError, TrackBusyError
 from mess_ai.features.extractor import Extractor, TrackJob, resolve_precision
 from mess_ai.features.model import DEFAULT_MODEL, LoadedModel, get_model, model_fingerprint, resolve_device
+from mess_ai.monitoring import ResourceMonitor
 from mess_ai.store import DONE, FAILED, ExpectedShapes, FeatureStore
 from mess_ai.store.integrity import IntegrityReport, check_dataset
 from mess_ai.store.keys import FEATURE_FORMAT_VERSION, config_key, sha256_file
 
 log = logging.getLogger(__name__)
 
-STAGES = ("discover", "validate", "load", "extract", "write", "integrity")
+STAGES = ("discover", "validate", "preprocess", "extract", "write", "integrity")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class FileOutcome:
     attempts: int = 0
     duration_seconds: float | None = None
     seconds: float = 0.0
+    permanent: bool | None = None
 
 
 @dataclass
@@ -84,9 +88,13 @@ class RunSummary:
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     model_loaded: bool = False
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_files: dict[str, int] = field(default_factory=dict)
+    stage_audio_seconds: dict[str, float] = field(default_factory=dict)
     outcomes: list[FileOutcome] = field(default_factory=list)
     integrity_problems: list[str] = field(default_factory=list)
+    resources: dict[str, Any] = field(default_factory=dict)
+    model_work: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def real_time_factor(self) -> float | None:
@@ -107,6 +115,14 @@ class RunSummary:
         data["real_time_factor"] = self.real_time_factor
         data["exit_code"] = self.exit_code
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSummary":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["outcomes"] = [FileOutcome(**o) for o in data.get("outcomes", [])]
+        values["model_work"] = [tuple(w) for w in data.get("model_work", [])]
+        return cls(**values)
 
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
@@ -162,7 +178,7 @@ def build_provenance(config: ExtractConfig, model: LoadedModel, key: str) -> dic
     }
 
 
-def _prefetch(items: Iterator[TrackJob], depth: int, on_abandon: Callable[[TrackJob], None]) -> Iterator[TrackJob]:
+def prefetch(items: Iterator[TrackJob], depth: int, on_abandon: Callable[[TrackJob], None]) -> Iterator[TrackJob]:
     """Run ``items`` in a thread, ``depth`` ahead, so decoding the next files overlaps model work."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -200,68 +216,81 @@ def _prefetch(items: Iterator[TrackJob], depth: int, on_abandon: Callable[[Track
                 on_abandon(item)
 
 
-class _Run:
-    """One extraction run over one folder into one dataset of a store."""
+class ExtractionSession:
+    """The stages of extraction for one dataset of a store and one config, shared by the CLI and the flows.
 
-    def __init__(self, audio_dir: Path, store: FeatureStore, config: ExtractConfig, only_failed: bool,
-                 progress: ProgressCallback | None, summary: RunSummary) -> None:
-        self.audio_dir = audio_dir
-        self.store = store
-        self.config = config
-        self.only_failed = only_failed
+    Thread-safe where the flows need it: stages of different chunks may run in different threads. Outcomes are
+    kept per track, the latest attempt winning, so a retried chunk replaces what its failed attempt recorded.
+    """
+
+    def __init__(self, store_root: str | Path, dataset: str, config: ExtractConfig | None = None, *,
+                 manifest_url: str | None = None, progress: ProgressCallback | None = None,
+                 model_loader: Callable[..., LoadedModel] = get_model,
+                 monitor: ResourceMonitor | None = None) -> None:
+        self.config = config or ExtractConfig()
+        self.store = FeatureStore(store_root, dataset, manifest_url)
+        self.key = self.config.key()
         self.progress = progress or (lambda event, info: None)
-        self.summary = summary
-        self.key = config.key()
-        self.stage_lock = threading.Lock()
+        self.model_loader = model_loader
+        self.monitor = monitor
+        self.stage_seconds = {s: 0.0 for s in STAGES}
+        self.stage_files = {s: 0 for s in STAGES}
+        self.stage_audio_seconds = {s: 0.0 for s in STAGES}
+        self.outcomes: dict[str, FileOutcome] = {}
+        self.model_work: list[tuple[float, float]] = []
+        self.discovered = 0
+        self._model: LoadedModel | None = None
+        self._extractor: Extractor | None = None
+        self._lock = threading.RLock()
 
-    def _timed(self, stage: str, started: float) -> None:
-        with self.stage_lock:
-            self.summary.stage_seconds[stage] += time.perf_counter() - started
+    def close(self) -> None:
+        self.store.close()
 
-    def _record(self, outcome: FileOutcome) -> None:
-        self.summary.outcomes.append(outcome)
-        if outcome.status in ("done", "failed"):
-            setattr(self.summary, outcome.status, getattr(self.summary, outcome.status) + 1)
-        self.progress("file", dataclasses.asdict(outcome))
-
-    # --- planning: what needs work ---------------------------------------------------------------------
-    def plan(self, sources: list[AudioSource]) -> list[AudioSource]:
-        """Sources needing extraction; the rest are recorded as unchanged or previously failed."""
+    # --- bookkeeping -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stage(self, stage: str, files: int = 0, audio_seconds: float = 0.0) -> Iterator[None]:
         started = time.perf_counter()
-        rows = self.store.manifest.rows_by_track(self.store.dataset)
-        provenance = self.store.read_provenance() or {}
-        same_config = provenance.get("config_key") == self.key
-        pending = []
-        for source in sources:
-            row = rows.get(source.track_id)
-            if self.only_failed:
-                if row is not None and row["status"] == FAILED:
-                    pending.append(source)
-                continue
-            if row is None or row["config_key"] != self.key or row["status"] not in (DONE, FAILED):
-                pending.append(source)
-                continue
+        with self.monitor.stage(stage) if self.monitor else contextlib.nullcontext():
             try:
-                sha = self._content_hash(source, row)
-            except OSError:
-                pending.append(source)  # unreadable now: the attempt records why
-                continue
-            if sha != row["sha256"]:
-                pending.append(source)
-            elif row["status"] == DONE and same_config and self.store.outputs_valid(
-                    source.track_id, ExpectedShapes(row["n_windows"], provenance["num_hidden_states"],
-                                                    provenance["hidden_size"]), self.config.keep_raw):
-                self.summary.unchanged += 1
-                self.summary.outcomes.append(FileOutcome(source.track_id, source.relative, "unchanged"))
-            elif row["status"] == FAILED and row["permanent"]:
-                self.summary.previously_failed += 1
-                self.summary.outcomes.append(FileOutcome(
-                    source.track_id, source.relative, "previously_failed", row["failure_stage"],
-                    row["error_class"], row["error_message"], row["attempts"], row["duration_seconds"]))
-            else:
-                pending.append(source)
-        self._timed("discover", started)
-        return pending
+                yield
+            finally:
+                with self._lock:
+                    self.stage_seconds[stage] += time.perf_counter() - started
+                    self.stage_files[stage] += files
+                    self.stage_audio_seconds[stage] += audio_seconds
+
+    def _record(self, outcome: FileOutcome, announce: bool = True) -> None:
+        with self._lock:
+            self.outcomes[outcome.track_id] = outcome
+        if announce:
+            self.progress("file", dataclasses.asdict(outcome))
+
+    def summary(self, audio_dir: str | Path, wall_seconds: float, integrity_problems: list[str]) -> RunSummary:
+        with self._lock:
+            outcomes = sorted(self.outcomes.values(), key=lambda o: o.relative_path)
+            count = lambda status: sum(o.status == status for o in outcomes)  # noqa: E731
+            return RunSummary(
+                audio_dir=str(audio_dir), store=str(self.store.root), dataset=self.store.dataset,
+                discovered=self.discovered, unchanged=count("unchanged"),
+                previously_failed=count("previously_failed"), done=count("done"), failed=count("failed"),
+                audio_seconds=sum(o.duration_seconds or 0.0 for o in outcomes if o.status == "done"),
+                wall_seconds=wall_seconds, model_loaded=self._model is not None,
+                stage_seconds=dict(self.stage_seconds), stage_files=dict(self.stage_files),
+                stage_audio_seconds=dict(self.stage_audio_seconds), outcomes=outcomes,
+                integrity_problems=integrity_problems,
+                resources=self.monitor.report.to_dict() if self.monitor and self.monitor.report else {},
+                model_work=list(self.model_work))
+
+    # --- discover and plan --------------------------------------------------------------------------------
+    def discover(self, audio_dir: str | Path) -> list[AudioSource]:
+        audio_dir = Path(audio_dir)
+        if not audio_dir.is_dir():
+            raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
+        with self._stage("discover"):
+            sources = discover_audio(audio_dir)
+            self.store.sweep_temp_files()
+        self.discovered = len(sources)
+        return sources
 
     @staticmethod
     def _content_hash(source: AudioSource, row: dict[str, Any] | None) -> str:
@@ -271,7 +300,79 @@ class _Run:
             return row["sha256"]
         return sha256_file(source.path)
 
-    # --- per-file preparation (runs in the prefetch thread) -----------------------------------------------
+    def _settled(self, source: AudioSource, row: dict[str, Any] | None, provenance: dict[str, Any]) -> str | None:
+        """'unchanged' or 'previously_failed' when the file needs no work now, else None."""
+        if row is None or row["config_key"] != self.key or row["status"] not in (DONE, FAILED):
+            return None
+        try:
+            sha = self._content_hash(source, row)
+        except OSError:
+            return None  # unreadable now: the attempt records why
+        if sha != row["sha256"]:
+            return None
+        if row["status"] == DONE and provenance.get("config_key") == self.key and self.store.outputs_valid(
+                source.track_id, ExpectedShapes(row["n_windows"], provenance["num_hidden_states"],
+                                                provenance["hidden_size"]), self.config.keep_raw):
+            return "unchanged"
+        if row["status"] == FAILED and row["permanent"]:
+            return "previously_failed"
+        return None
+
+    def plan(self, sources: list[AudioSource], only_failed: bool = False) -> list[AudioSource]:
+        """The sources that need work; the others are recorded as unchanged or previously failed."""
+        with self._stage("discover"):
+            rows = self.store.manifest.rows_by_track(self.store.dataset)
+            provenance = self.store.read_provenance() or {}
+            pending = []
+            for source in sources:
+                row = rows.get(source.track_id)
+                if only_failed:
+                    if row is not None and row["status"] == FAILED:
+                        pending.append(source)
+                    continue
+                settled = self._settled(source, row, provenance)
+                if settled is None:
+                    pending.append(source)
+                elif settled == "unchanged":
+                    self._record(FileOutcome(source.track_id, source.relative, "unchanged"), announce=False)
+                else:
+                    self._record(FileOutcome(
+                        source.track_id, source.relative, "previously_failed", row["failure_stage"],
+                        row["error_class"], row["error_message"], row["attempts"], row["duration_seconds"],
+                        permanent=True), announce=False)
+        return pending
+
+    def still_pending(self, sources: list[AudioSource]) -> list[AudioSource]:
+        """The subset of ``sources`` not settled since planning (used when a chunk is retried)."""
+        rows = self.store.manifest.rows_by_track(self.store.dataset)
+        provenance = self.store.read_provenance() or {}
+        return [s for s in sources if self._settled(s, rows.get(s.track_id), provenance) is None]
+
+    # --- validate, preprocess ------------------------------------------------------------------------------
+    def _lock_track(self, source: AudioSource, wait: bool) -> Any | None:
+        lock = self.store.lock(source.track_id)
+        try:
+            lock.acquire(blocking=wait)
+        except TrackBusyError:
+            return None
+        return lock
+
+    def _begin(self, source: AudioSource, lock: Any) -> tuple[_Track, OSError | None]:
+        row = self.store.manifest.get(self.store.dataset, source.track_id)
+        hash_error = None
+        try:
+            stat = source.path.stat()
+            sha: str | None = self._content_hash(source, row)
+        except OSError as exc:
+            stat, sha, hash_error = None, None, exc
+        attempts = self.store.manifest.begin_attempt(
+            self.store.dataset, source.track_id, source_path=str(source.path), relative_path=source.relative,
+            size=stat.st_size if stat else None, mtime_ns=stat.st_mtime_ns if stat else None, sha256=sha,
+            config_key=self.key)
+        for temp in self.store.temp_files(source.track_id):
+            temp.unlink(missing_ok=True)  # left by a killed run; we hold the lock now
+        return _Track(source, lock, attempts, time.perf_counter()), hash_error
+
     def _fail(self, track: _Track, stage: str, exc: BaseException) -> None:
         permanent = isinstance(exc, InputError)
         reason = exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)
@@ -282,131 +383,173 @@ class _Run:
                                         error_class=type(exc).__name__, message=reason, permanent=permanent,
                                         seconds_spent=seconds, duration_seconds=track.duration_seconds or None)
         track.lock.release()
-        log.warning("Failed at %s: %s: %s", stage, track.source.relative, reason)
+        log.warning("%s failed at %s: %s (attempt %d%s)", track.source.relative, stage, reason, track.attempts,
+                    "" if permanent else ", will be retried")
         self._record(FileOutcome(track.source.track_id, track.source.relative, "failed", stage,
                                  type(exc).__name__, reason, track.attempts, track.duration_seconds or None,
-                                 seconds))
+                                 seconds, permanent))
 
-    def _abandon(self, job: TrackJob) -> None:
+    def validate(self, sources: list[AudioSource]) -> list[AudioSource]:
+        """Header checks; files that fail are recorded (an attempt each) and left out of the result."""
+        valid = []
+        with self._stage("validate", files=len(sources)):
+            for source in sources:
+                try:
+                    probe_audio(source.path, self.config.window.min_duration_seconds)
+                except InputError as exc:
+                    error: BaseException = exc
+                except OSError as exc:
+                    error = exc
+                else:
+                    valid.append(source)
+                    continue
+                track, _ = self._begin(source, self._lock_track(source, wait=True))
+                self._fail(track, "validate", error)
+        return valid
+
+    def preprocess(self, sources: list[AudioSource]) -> Iterator[TrackJob]:
+        """Decode, resample and window each source, holding its lock until ``extract`` writes it.
+
+        Tracks another run holds are waited for after the others; if that run finished them they are skipped.
+        Needs the model's sampling rate, so it loads the model (once per process) when there is a source.
+        """
+        if not sources:
+            return
+        model = self.model()
+        deferred = []
+        for source in sources:
+            lock = self._lock_track(source, wait=False)
+            if lock is None:
+                deferred.append(source)
+                continue
+            job = self._preprocess_one(source, lock, model.sampling_rate)
+            if job is not None:
+                yield job
+        for source in deferred:
+            log.info("Waiting for another run to finish %s", source.relative)
+            job = self._preprocess_one(source, self._lock_track(source, wait=True), model.sampling_rate)
+            if job is not None:
+                yield job
+
+    def _preprocess_one(self, source: AudioSource, lock: Any, sampling_rate: int) -> TrackJob | None:
+        if not self.still_pending([source]):  # finished by another run while we waited, or by a retry
+            lock.release()
+            row = self.store.manifest.get(self.store.dataset, source.track_id)
+            status = "unchanged" if row and row["status"] == DONE else "previously_failed"
+            self._record(FileOutcome(source.track_id, source.relative, status), announce=False)
+            return None
+        track, hash_error = self._begin(source, lock)
+        if hash_error is not None:
+            self._fail(track, "preprocess", hash_error)
+            return None
+        started = time.perf_counter()
+        try:
+            signal = load_mono(source.path, sampling_rate)
+            track.duration_seconds = len(signal) / sampling_rate
+            bounds = window_bounds(len(signal), sampling_rate, self.config.window)
+        except InputError as exc:
+            self._fail(track, "preprocess", exc)
+            return None
+        except ValueError as exc:  # window_bounds: decoded audio shorter than the minimum
+            self._fail(track, "preprocess", InputError(source.path, str(exc), "preprocess"))
+            return None
+        except Exception as exc:  # noqa: BLE001 - recorded; transient ones are retried
+            self._fail(track, "preprocess", exc)
+            return None
+        finally:
+            with self._lock:
+                self.stage_seconds["preprocess"] += time.perf_counter() - started
+                self.stage_files["preprocess"] += 1
+                self.stage_audio_seconds["preprocess"] += track.duration_seconds
+        return TrackJob(source.track_id, signal, bounds, context=track)
+
+    def abandon(self, job: TrackJob) -> None:
+        """Release a prepared track that will not be extracted (its row stays pending: redone next run)."""
         track: _Track = job.context
         track.resources.close()
         track.lock.release()
 
-    def _lock(self, source: AudioSource, wait: bool) -> Any | None:
-        lock = self.store.lock(source.track_id)
-        try:
-            lock.acquire(blocking=wait)
-        except TrackBusyError:
-            return None
-        return lock
+    # --- extract, write -----------------------------------------------------------------------------------------
+    def model(self) -> LoadedModel:
+        """The model, loaded on first use only (a run with nothing new never loads it)."""
+        with self._lock:
+            if self._model is None:
+                self._model = self.model_loader(self.config.model, self.config.revision, self.config.device,
+                                                trust_remote_code=self.config.trust_remote_code)
+                provenance = build_provenance(self.config, self._model, self.key)
+                if self.store.read_provenance() != provenance:
+                    self.store.write_provenance(provenance)
+                self._extractor = Extractor(
+                    self._model, round(self.config.window.window_seconds * self._model.sampling_rate),
+                    self.config.batch_size, self.config.precision, self.config.keep_raw)
+            return self._model
 
-    def prepare(self, sources: list[AudioSource], sampling_rate: int) -> Iterator[TrackJob]:
-        deferred = []
-        for source in sources:
-            lock = self._lock(source, wait=False)
-            if lock is None:
-                deferred.append(source)
-                continue
-            job = self._prepare_one(source, lock, sampling_rate)
-            if job is not None:
-                yield job
-        for source in deferred:
-            # Another run holds these; wait for it, then skip them if it finished them.
-            log.info("Waiting for another run to finish %s", source.relative)
-            lock = self._lock(source, wait=True)
-            job = self._prepare_one(source, lock, sampling_rate)
-            if job is not None:
-                yield job
+    def extract(self, jobs: Iterable[TrackJob], slot: Callable[[], ContextManager] = contextlib.nullcontext
+                ) -> list[FileOutcome]:
+        """Run prepared tracks through the model and write them; model work happens inside ``slot()``.
 
-    def _prepare_one(self, source: AudioSource, lock: Any, sampling_rate: int) -> TrackJob | None:
-        started = time.perf_counter()
-        row = self.store.manifest.get(self.store.dataset, source.track_id)
-        try:
-            stat = source.path.stat()
-            sha = self._content_hash(source, row)
-        except OSError as exc:
-            stat, sha = None, None
-            hash_error: OSError | None = exc
-        else:
-            hash_error = None
-        if (row is not None and not self.only_failed and row["status"] == DONE and row["sha256"] == sha
-                and row["config_key"] == self.key):
-            provenance = self.store.read_provenance() or {}
-            if provenance.get("config_key") == self.key and self.store.outputs_valid(
-                    source.track_id, ExpectedShapes(row["n_windows"], provenance["num_hidden_states"],
-                                                    provenance["hidden_size"]), self.config.keep_raw):
-                lock.release()  # finished by another run while we waited
-                self.summary.unchanged += 1
-                self.summary.outcomes.append(FileOutcome(source.track_id, source.relative, "unchanged"))
-                return None
-        attempts = self.store.manifest.begin_attempt(
-            self.store.dataset, source.track_id, source_path=str(source.path), relative_path=source.relative,
-            size=stat.st_size if stat else None, mtime_ns=stat.st_mtime_ns if stat else None, sha256=sha,
-            config_key=self.key)
-        track = _Track(source, lock, attempts, started)
-        for temp in self.store.temp_files(source.track_id):
-            temp.unlink(missing_ok=True)  # left by a killed run; we hold the lock now
-        if hash_error is not None:
-            self._fail(track, "validate", hash_error)
-            return None
-        stage = "validate"
-        try:
-            t0 = time.perf_counter()
-            probe_audio(source.path, self.config.window.min_duration_seconds)
-            self._timed("validate", t0)
-            stage = "load"
-            t0 = time.perf_counter()
-            signal = load_mono(source.path, sampling_rate)
-            track.duration_seconds = len(signal) / sampling_rate
-            bounds = window_bounds(len(signal), sampling_rate, self.config.window)
-            self._timed("load", t0)
-        except InputError as exc:
-            self._fail(track, exc.stage, exc)
-            return None
-        except ValueError as exc:  # window_bounds: decoded audio shorter than the minimum
-            self._fail(track, stage, InputError(source.path, str(exc), stage))
-            return None
-        except Exception as exc:  # noqa: BLE001 - recorded; transient ones are retried next run
-            self._fail(track, stage, exc)
-            return None
-        return TrackJob(source.track_id, signal, bounds, context=track)
+        ``slot`` is where the flows take a GPU concurrency slot, so only model work holds one.
+        """
+        self.model()
+        outcomes = []
+        with slot():
+            started_wall = time.time()
+            before = self._extractor.stats.model_seconds
+            try:
+                with self.monitor.stage("extract") if self.monitor else contextlib.nullcontext():
+                    for job in self._extractor.run(jobs, on_raw=self._on_raw if self.config.keep_raw else None):
+                        outcomes.append(self._finish(job))
+            finally:
+                with self._lock:
+                    self.model_work.append((started_wall, time.time()))
+                    self.stage_seconds["extract"] += self._extractor.stats.model_seconds - before
+        with self._lock:
+            self.stage_files["extract"] += len(outcomes)
+            self.stage_audio_seconds["extract"] += sum(o.duration_seconds or 0.0 for o in outcomes)
+        return outcomes
 
-    # --- model output to the store ----------------------------------------------------------------------------
-    def on_raw(self, job: TrackJob, index: int, window: np.ndarray) -> None:
+    def _on_raw(self, job: TrackJob, index: int, window: np.ndarray) -> None:
         track: _Track = job.context
         if track.raw is None:
             track.raw = track.resources.enter_context(
                 self.store.raw_writer(job.track_id, (job.n_windows, *window.shape)))
         track.raw[index] = window
 
-    def finish(self, job: TrackJob) -> None:
+    def _finish(self, job: TrackJob) -> FileOutcome:
         track: _Track = job.context
         if job.error is not None:
             self._fail(track, "extract", job.error)
-            return
-        t0 = time.perf_counter()
+            return self.outcomes[job.track_id]
         try:
-            segments = job.segments
-            if not np.isfinite(segments).all():
-                raise MessError("the model produced non-finite values (NaN or inf)")
-            self.store.write_segments(job.track_id, segments, job.aggregated())
-            track.resources.close()  # puts the raw file in place
-            self._timed("write", t0)
-            t0 = time.perf_counter()
-            shapes = ExpectedShapes(job.n_windows, segments.shape[1], segments.shape[2])
-            if not self.store.outputs_valid(job.track_id, shapes, self.config.keep_raw):
-                raise MessError("the written files do not read back with the expected shapes")
-            self._timed("integrity", t0)
-        except Exception as exc:  # noqa: BLE001 - e.g. disk full: recorded, retried next run
+            with self._stage("write", files=1, audio_seconds=track.duration_seconds):
+                segments = job.segments
+                if not np.isfinite(segments).all():
+                    raise MessError("the model produced non-finite values (NaN or inf)")
+                self.store.write_segments(job.track_id, segments, job.aggregated())
+                track.resources.close()  # puts the raw file in place
+            with self._stage("integrity", files=1, audio_seconds=track.duration_seconds):
+                shapes = ExpectedShapes(job.n_windows, segments.shape[1], segments.shape[2])
+                if not self.store.outputs_valid(job.track_id, shapes, self.config.keep_raw):
+                    raise MessError("the written files do not read back with the expected shapes")
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: recorded, retried
             self._fail(track, "write", exc)
-            return
+            return self.outcomes[job.track_id]
         seconds = time.perf_counter() - track.started
         self.store.manifest.mark_done(self.store.dataset, job.track_id, duration_seconds=track.duration_seconds,
                                       n_windows=job.n_windows, seconds_spent=seconds)
         track.lock.release()
-        self.summary.audio_seconds += track.duration_seconds
-        self._record(FileOutcome(job.track_id, track.source.relative, "done", attempts=track.attempts,
-                                 duration_seconds=track.duration_seconds, seconds=seconds))
+        outcome = FileOutcome(job.track_id, track.source.relative, "done", attempts=track.attempts,
+                              duration_seconds=track.duration_seconds, seconds=seconds)
+        self._record(outcome)
+        return outcome
+
+    # --- integrity ---------------------------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """Structural integrity of the whole dataset (files, shapes, orphans, temporary files)."""
+        with self._stage("integrity"):
+            report = IntegrityReport()
+            check_dataset(self.store, report, check_values=False)
+        return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
 
 
 def run_extraction(
@@ -419,9 +562,10 @@ def run_extraction(
     manifest_url: str | None = None,
     progress: ProgressCallback | None = None,
     model_loader: Callable[..., LoadedModel] = get_model,
-    prefetch: int = 2,
+    prefetch_depth: int = 2,
 ) -> RunSummary:
-    """Extract features for every new or changed audio file under ``audio_dir`` into ``store_root``.
+    """Extract features for every new or changed audio file under ``audio_dir`` into ``store_root``, in plain
+    Python (no Prefect).
 
     ``dataset`` defaults to the audio folder's name. ``only_failed`` re-runs just the files whose last attempt
     failed. Raises ``FileNotFoundError`` for a missing folder, ``ModelError`` when the model cannot be loaded
@@ -430,45 +574,27 @@ def run_extraction(
     wall_started = time.perf_counter()
     config = config or ExtractConfig()
     audio_dir = Path(audio_dir)
-    if not audio_dir.is_dir():
-        raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
-    store = FeatureStore(store_root, dataset or audio_dir.absolute().name, manifest_url)
-    summary = RunSummary(str(audio_dir), str(store.root), store.dataset)
+    monitor = ResourceMonitor(resolve_device(config.device))
+    session = ExtractionSession(store_root, dataset or audio_dir.absolute().name, config,
+                                manifest_url=manifest_url, progress=progress, model_loader=model_loader,
+                                monitor=monitor)
     try:
-        run = _Run(audio_dir, store, config, only_failed, progress, summary)
-        t0 = time.perf_counter()
-        sources = discover_audio(audio_dir)
-        summary.discovered = len(sources)
-        run._timed("discover", t0)
-        store.sweep_temp_files()
-        pending = run.plan(sources)
-        log.info("Found %d audio files in %s: %d to extract, %d unchanged, %d failed before (unchanged).",
-                 len(sources), audio_dir, len(pending), summary.unchanged, summary.previously_failed)
-        run.progress("plan", {"discovered": len(sources), "pending": len(pending), "unchanged": summary.unchanged,
-                              "previously_failed": summary.previously_failed})
-        if pending:
-            model = model_loader(config.model, config.revision, config.device,
-                                 trust_remote_code=config.trust_remote_code)
-            summary.model_loaded = True
-            provenance = build_provenance(config, model, run.key)
-            if store.read_provenance() != provenance:
-                store.write_provenance(provenance)
-            extractor = Extractor(model, round(config.window.window_seconds * model.sampling_rate),
-                                  config.batch_size, config.precision, config.keep_raw)
-            jobs = run.prepare(pending, model.sampling_rate)
-            if prefetch > 0:
-                jobs = _prefetch(jobs, prefetch, run._abandon)
-            for job in extractor.run(jobs, on_raw=run.on_raw if config.keep_raw else None):
-                run.finish(job)
-            summary.stage_seconds["extract"] = extractor.stats.model_seconds
-        t0 = time.perf_counter()
-        report = IntegrityReport()
-        check_dataset(store, report, check_values=False)
-        summary.integrity_problems = [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
-        run._timed("integrity", t0)
+        with monitor:
+            sources = session.discover(audio_dir)
+            pending = session.plan(sources, only_failed)
+            log.info("Found %d audio files in %s: %d to extract, %d unchanged or failed before.",
+                     len(sources), audio_dir, len(pending), len(sources) - len(pending))
+            session.progress("plan", {"discovered": len(sources), "pending": len(pending)})
+            valid = session.validate(pending)
+            if valid:
+                jobs = session.preprocess(valid)
+                if prefetch_depth > 0:
+                    jobs = prefetch(jobs, prefetch_depth, session.abandon)
+                session.extract(jobs)
+            problems = session.check()
+        summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
     finally:
-        store.close()
-    summary.wall_seconds = time.perf_counter() - wall_started
+        session.close()
     log.info("Done: %d extracted, %d failed, %d unchanged in %.1f s.", summary.done, summary.failed,
              summary.unchanged, summary.wall_seconds)
     return summary

@@ -69,7 +69,7 @@ def test_good_files_done_bad_files_recorded(extracted):
     assert failures["bad/empty.wav"].stage == "validate" and "empty" in failures["bad/empty.wav"].reason
     assert failures["bad/text.wav"].stage == "validate"
     assert failures["bad/header_only.wav"].stage == "validate"
-    assert failures["bad/nan.wav"].stage == "load" and "non-finite" in failures["bad/nan.wav"].reason
+    assert failures["bad/nan.wav"].stage == "preprocess" and "non-finite" in failures["bad/nan.wav"].reason
     assert failures["bad/too_short.wav"].stage == "validate" and "too short" in failures["bad/too_short.wav"].reason
     fs = FeatureStore(store, "ds")
     rows = fs.manifest.rows_by_track("ds")
