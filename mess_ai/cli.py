@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,20 +92,106 @@ def print_summary(summary: Any, out: Any = None) -> None:
     p(f"  features: {Path(summary.store) / summary.dataset}/{{segments,aggregated}}/<track_id>.npy")
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    from mess_ai.pipeline import run_extraction
+def _prepare_prefect(verbose: bool) -> None:
+    """Settings for an in-process Prefect run, before prefect is imported: a start-up time-out long enough for
+    a first start of the ephemeral API (unless PREFECT_API_URL points at a server), no analytics, and Prefect's
+    own log lines only when asked for (-v)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-    progress = _Progress()
+
+class _HideExpectedErrors(logging.Filter):
+    """Our own errors get one clear line from the CLI; Prefect need not print their tracebacks too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], (MessError, FileNotFoundError)))
+
+
+def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bool) -> int:
+    from mess_ai import progress as progress_events
+    from mess_ai.pipeline import RunSummary
+
+    _extract_config(args)  # bad window/hop values are a usage error before any flow starts
+    if not audio_dir.is_dir():
+        raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
+    _prepare_prefect(args.verbose)
+    from flows.extract import extract_features
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_HideExpectedErrors())
+    bar = _Progress()
     try:
-        summary = run_extraction(args.audio_dir, args.store, dataset=args.dataset, config=_extract_config(args),
-                                 only_failed=args.only_failed, manifest_url=args.manifest_url, progress=progress)
+        with progress_events.listening(bar):
+            result = extract_features(
+                audio_dir=str(audio_dir), store=str(args.store), dataset=args.dataset, model=args.model,
+                revision=args.revision, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                keep_raw=args.keep_raw, window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
+                min_duration_seconds=args.min_duration, files_per_task=args.files_per_task,
+                gpu_limit=args.gpu_limit, only_failed=only_failed, manifest_url=args.manifest_url,
+                trust_remote_code=args.trust_remote_code)
     finally:
-        progress.close()
+        bar.close()
+    summary = RunSummary.from_dict(result)
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str))
     else:
         print_summary(summary)
+        print(prefect_ui_hint())
     return summary.exit_code
+
+
+def prefect_ui_hint() -> str:
+    """Where a person sees the flow run and its artifacts."""
+    if os.environ.get("PREFECT_API_URL"):
+        where = os.environ["PREFECT_API_URL"].removesuffix("/api")
+        return f"  the run and its artifacts: {where}/runs and {where}/artifacts"
+    return ("  the run and its artifacts are in Prefect's local database: start the UI with `make server` "
+            "(or `.venv/bin/prefect server start`) and open http://127.0.0.1:4200/runs and /artifacts")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    return _run_extract_flow(args, args.audio_dir, args.only_failed)
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    """Re-run the failed files of a dataset; the audio folder is read back from the manifest."""
+    audio_dir = args.audio_dir or _audio_dir_of_failures(args)
+    if audio_dir is None:
+        print("no failed files: nothing to retry")
+        return EXIT_OK
+    return _run_extract_flow(args, audio_dir, only_failed=True)
+
+
+def _audio_dir_of_failures(args: argparse.Namespace) -> Path | None:
+    manifest = _open_manifest(args)
+    try:
+        rows = manifest.rows(args.dataset, "failed")
+    finally:
+        manifest.close()
+    if not rows:
+        return None
+    datasets = {r["dataset"] for r in rows}
+    if len(datasets) > 1:
+        raise MessError(f"failed files in several datasets ({', '.join(sorted(datasets))}): pick one with --dataset")
+    roots = {r["source_path"][: -len(r["relative_path"])].rstrip("/") for r in rows}
+    if len(roots) > 1:
+        raise MessError(f"failed files come from several folders ({', '.join(sorted(roots))}): "
+                        "give the folder with --audio-dir")
+    args.dataset = datasets.pop()
+    return Path(roots.pop())
+
+
+def _open_manifest(args: argparse.Namespace):
+    from mess_ai.store import Manifest
+    from mess_ai.store.layout import MANIFEST_FILE
+    from mess_ai.store.manifest import sqlite_url
+
+    manifest_path = Path(args.store) / MANIFEST_FILE
+    if args.manifest_url is None and not manifest_path.exists():
+        raise MessError(f"no manifest at {manifest_path}: is {args.store} a mess-ai store?")
+    return Manifest(args.manifest_url or sqlite_url(str(manifest_path)))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -123,14 +210,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
-    from mess_ai.store import FAILED, Manifest
-    from mess_ai.store.layout import MANIFEST_FILE
-    from mess_ai.store.manifest import sqlite_url
+    from mess_ai.store import FAILED
 
-    manifest_path = Path(args.store) / MANIFEST_FILE
-    if args.manifest_url is None and not manifest_path.exists():
-        raise MessError(f"no manifest at {manifest_path}: is {args.store} a mess-ai store?")
-    manifest = Manifest(args.manifest_url or sqlite_url(str(manifest_path)))
+    manifest = _open_manifest(args)
     try:
         rows = manifest.rows(args.dataset, FAILED)
     finally:
@@ -161,6 +243,7 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mess_ai.demo import run_demo
 
+    _prepare_prefect(args.verbose)
     return run_demo(Path(args.workdir))
 
 
@@ -172,17 +255,9 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_extract_args(p: argparse.ArgumentParser) -> None:
     from mess_ai.features.model import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog="mess-ai", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("extract", help="extract MERT features for new or changed audio files")
-    p.add_argument("audio_dir", type=Path, help="folder of recordings (searched recursively)")
-    _add_store_args(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -194,10 +269,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-seconds", type=float, default=5.0)
     p.add_argument("--hop-seconds", type=float, default=2.5)
     p.add_argument("--min-duration", type=float, default=1.0, help="shorter files are recorded as failed")
-    p.add_argument("--only-failed", action="store_true", help="re-run only the files whose last attempt failed")
+    p.add_argument("--files-per-task", type=int, default=16, help="files per Prefect extraction task")
+    p.add_argument("--gpu-limit", default="gpu",
+                   help="Prefect global concurrency limit held during model work ('' for none)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a non-MERT hub model to run its own code (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mess-ai", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="extract MERT features for new or changed audio files (a Prefect flow run)")
+    p.add_argument("audio_dir", type=Path, help="folder of recordings (searched recursively)")
+    _add_store_args(p)
+    _add_extract_args(p)
+    p.add_argument("--only-failed", action="store_true", help="re-run only the files whose last attempt failed")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("retry-failed", help="re-run only the failed files of a dataset (a Prefect flow run)")
+    _add_store_args(p)
+    p.add_argument("--audio-dir", type=Path, default=None,
+                   help="the audio folder (default: read back from the manifest)")
+    _add_extract_args(p)
+    p.set_defaults(func=cmd_retry_failed)
 
     p = sub.add_parser("check", help="verify the store: files, shapes, finite values, no orphans")
     _add_store_args(p)

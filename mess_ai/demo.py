@@ -54,9 +54,10 @@ def write_demo_audio(folder: Path) -> list[Path]:
 
 
 def run_demo(workdir: Path) -> int:
-    from mess_ai.cli import print_summary
+    """Write the demo inputs (once) and extract them through the ``extract-features`` Prefect flow."""
+    from mess_ai.cli import prefect_ui_hint, print_summary
     from mess_ai.features.model import write_test_model
-    from mess_ai.pipeline import ExtractConfig, run_extraction
+    from mess_ai.pipeline import RunSummary
 
     workdir = workdir.absolute()
     audio_dir, model_dir, store_dir = workdir / "audio", workdir / "model", workdir / "store"
@@ -72,10 +73,13 @@ def run_demo(workdir: Path) -> int:
         print(f"2. Writing a tiny MERT-v1-format checkpoint with RANDOM weights to {model_dir}")
         write_test_model(model_dir, size="tiny")
     print("   (the real model is m-a-p/MERT-v1-95M; see the README for running with it)")
-    print("3. Extracting features (the same pipeline `mess-ai extract` runs)\n")
-    summary = run_extraction(audio_dir, store_dir, dataset="demo",
-                             config=ExtractConfig(model=str(model_dir), device="cpu"))
+    print("3. Extracting features through the Prefect flow `extract-features` (what `mess-ai extract` runs)\n")
+    from flows.extract import extract_features
+
+    summary = RunSummary.from_dict(extract_features(audio_dir=str(audio_dir), store=str(store_dir), dataset="demo",
+                                                    model=str(model_dir), device="cpu"))
     print_summary(summary)
+    print(prefect_ui_hint())
 
     dataset_dir = store_dir / "demo"
     done = [o for o in summary.outcomes if o.status in ("done", "unchanged")]

@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator
 import numpy as np
 
 import mess_ai
+from mess_ai import progress as progress_events
 from mess_ai.audio import AudioSource, WindowSpec, discover_audio, load_mono, probe_audio, window_bounds
 from mess_ai.errors import InputError, MessError, TrackBusyError
 from mess_ai.features.extractor import Extractor, TrackJob, resolve_precision
@@ -230,7 +231,8 @@ class ExtractionSession:
         self.config = config or ExtractConfig()
         self.store = FeatureStore(store_root, dataset, manifest_url)
         self.key = self.config.key()
-        self.progress = progress or (lambda event, info: None)
+        self.progress = progress or progress_events.emit
+        self.durations: dict[str, float] = {}
         self.model_loader = model_loader
         self.monitor = monitor
         self.stage_seconds = {s: 0.0 for s in STAGES}
@@ -390,17 +392,21 @@ class ExtractionSession:
                                  seconds, permanent))
 
     def validate(self, sources: list[AudioSource]) -> list[AudioSource]:
-        """Header checks; files that fail are recorded (an attempt each) and left out of the result."""
+        """Header checks; files that fail are recorded (an attempt each) and left out of the result.
+
+        The durations the headers give are kept in ``durations`` (for chunking by audio length)."""
         valid = []
         with self._stage("validate", files=len(sources)):
             for source in sources:
                 try:
-                    probe_audio(source.path, self.config.window.min_duration_seconds)
+                    info = probe_audio(source.path, self.config.window.min_duration_seconds)
                 except InputError as exc:
                     error: BaseException = exc
                 except OSError as exc:
                     error = exc
                 else:
+                    with self._lock:
+                        self.durations[source.track_id] = info.duration_seconds
                     valid.append(source)
                     continue
                 track, _ = self._begin(source, self._lock_track(source, wait=True))
@@ -550,6 +556,31 @@ class ExtractionSession:
             report = IntegrityReport()
             check_dataset(self.store, report, check_values=False)
         return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
+
+
+def chunk_sources(sources: list[AudioSource], files_per_chunk: int, seconds_per_chunk: float | None = None,
+                  durations: dict[str, float] | None = None) -> list[list[AudioSource]]:
+    """Split sources into chunks of at most ``files_per_chunk`` files and, when given, about
+    ``seconds_per_chunk`` of audio (a single longer file makes a chunk of its own)."""
+    if files_per_chunk < 1:
+        raise ValueError(f"files per chunk must be at least 1, got {files_per_chunk}")
+    if seconds_per_chunk is not None and seconds_per_chunk <= 0:
+        raise ValueError(f"seconds per chunk must be positive, got {seconds_per_chunk}")
+    chunks: list[list[AudioSource]] = []
+    current: list[AudioSource] = []
+    seconds = 0.0
+    for source in sources:
+        length = (durations or {}).get(source.track_id, 0.0)
+        full = len(current) >= files_per_chunk or (
+            seconds_per_chunk is not None and current and seconds + length > seconds_per_chunk)
+        if full:
+            chunks.append(current)
+            current, seconds = [], 0.0
+        current.append(source)
+        seconds += length
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def run_extraction(

@@ -18,3 +18,13 @@ def tiny_model(tmp_path_factory) -> str:
     from mess_ai.features.model import write_test_model
 
     return str(write_test_model(tmp_path_factory.mktemp("tiny-mert"), size="tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One real Prefect API (a temporary server on SQLite) for the whole session: starting one takes ~15 s."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from mess_ai.cli import main
 from mess_ai.store import FeatureStore
 from mess_ai.store.atomic import atomic_save_npy
 from tests.helpers.audio import write_audio, write_not_audio
+
+
+# `extract`, `retry-failed` and `demo` run the Prefect flow: one temporary Prefect API serves the module.
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def extract(audio, store, model, *extra):
@@ -120,6 +125,20 @@ def test_only_failed_retries_failed_files(tmp_path, tiny_model, capsys):
     assert {r["relative_path"]: r["status"] for r in fs.manifest.rows("audio")} == {"ok.wav": "done",
                                                                                     "short.wav": "done"}
     fs.close()
+
+
+def test_retry_failed_reads_the_folder_from_the_manifest(tmp_path, tiny_model, capsys):
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    write_audio(audio / "ok.wav", seconds=2.0)
+    write_audio(audio / "sub" / "short.wav", seconds=0.5)
+    extract(audio, store, tiny_model)
+    write_audio(audio / "sub" / "short.wav", seconds=1.5)  # fixed by its owner
+    capsys.readouterr()
+    assert main(["retry-failed", "--store", str(store), "--model", tiny_model, "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(o["relative_path"], o["status"]) for o in data["outcomes"]] == [("sub/short.wav", "done")]
+    assert main(["retry-failed", "--store", str(store), "--model", tiny_model]) == 0
+    assert "nothing to retry" in capsys.readouterr().out
 
 
 def test_make_test_model(tmp_path, capsys):

@@ -16,11 +16,18 @@ from mess_ai.store.atomic import TEMP_MARKER
 from tests.helpers.audio import write_audio
 
 
-def _start(audio, store, model):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+# No GPU limit here: a killed run's slot lease would hold the next run back until it expires (a minute), and
+# this test is about the store. tests/test_flows.py covers the limit.
+def _env(api_url):
+    # The subprocess talks to the session's Prefect API instead of starting a temporary one of its own.
+    return dict(os.environ, PYTHONUNBUFFERED="1", PREFECT_API_URL=api_url)
+
+
+def _start(audio, store, model, api_url):
+    env = _env(api_url)
     return subprocess.Popen(
         [sys.executable, "-m", "mess_ai.cli", "-q", "extract", str(audio), "--store", str(store), "--model", model,
-         "--device", "cpu", "--keep-raw", "--batch-size", "2"],
+         "--device", "cpu", "--keep-raw", "--batch-size", "2", "--gpu-limit", ""],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -40,11 +47,11 @@ N_FILES = 12
 
 
 @pytest.mark.parametrize("extra_delay", [0.0, 1.0])
-def test_sigkill_mid_run_then_rerun_is_clean(tmp_path, tiny_model, extra_delay):
+def test_sigkill_mid_run_then_rerun_is_clean(tmp_path, tiny_model, extra_delay, prefect_api):
     audio, store = tmp_path / "audio", tmp_path / "store"
     for i in range(N_FILES):
         write_audio(audio / f"track{i}.wav", seconds=40.0, sample_rate=44100, seed=i)
-    proc = _start(audio, store, tiny_model)
+    proc = _start(audio, store, tiny_model, prefect_api)
     _wait_for_progress(store, proc)
     time.sleep(extra_delay)
     proc.send_signal(signal.SIGKILL)
@@ -62,7 +69,7 @@ def test_sigkill_mid_run_then_rerun_is_clean(tmp_path, tiny_model, extra_delay):
 
     rerun = subprocess.run(
         [sys.executable, "-m", "mess_ai.cli", "extract", str(audio), "--store", str(store), "--model", tiny_model,
-         "--device", "cpu", "--keep-raw"], capture_output=True, text=True, timeout=300)
+         "--device", "cpu", "--keep-raw", "--gpu-limit", ""], capture_output=True, text=True, timeout=300, env=_env(prefect_api))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     report = check_store(store)
     assert report.ok, report.problems

@@ -1,0 +1,147 @@
+"""The ``extract-features`` flow: new or changed recordings → MERT features in the store, with artifacts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
+
+from mess_ai.audio import WindowSpec
+from mess_ai.features.model import DEFAULT_MODEL, resolve_device
+from mess_ai.monitoring import ResourceMonitor
+from mess_ai.pipeline import ExtractConfig, ExtractionSession, chunk_sources
+from tasks.extraction import (
+    TransientFileErrors,
+    check_integrity,
+    discover_files,
+    ensure_concurrency_limit,
+    process_chunk,
+    validate_files,
+)
+from tasks.reporting import publish_run_artifacts, start_progress, update_progress
+
+
+@flow(name="extract-features", log_prints=False)
+def extract_features(
+    audio_dir: str,
+    store: str,
+    dataset: str | None = None,
+    model: str = DEFAULT_MODEL,
+    revision: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    keep_raw: bool = False,
+    window_seconds: float = 5.0,
+    hop_seconds: float = 2.5,
+    min_duration_seconds: float = 1.0,
+    files_per_task: int = 16,
+    minutes_per_task: float | None = None,
+    gpu_limit: str = "gpu",
+    gpu_slots: int = 1,
+    only_failed: bool = False,
+    run_analysis: bool = False,
+    retries: int = 3,
+    retry_delay_seconds: float = 10.0,
+    manifest_url: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Extract MERT-v1 embeddings for every new or changed recording under a folder.
+
+    Args:
+        audio_dir: Folder of recordings, searched recursively (wav, flac, ogg, mp3, aif, aiff).
+        store: Feature store folder; features go to <store>/<dataset>/{segments,aggregated,raw}.
+        dataset: Dataset name inside the store; default: the audio folder's name.
+        model: Hugging Face hub id or local directory of the model.
+        revision: Hub revision (branch, tag or commit) to pin; empty for the default branch.
+        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+        precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.
+        batch_size: Windows per forward pass; empty for the device's default (cuda 32, cpu 4).
+        keep_raw: Also store frame-level hidden states (float16, about 10 GB per audio hour).
+        window_seconds: Window length in seconds.
+        hop_seconds: Hop between window starts in seconds.
+        min_duration_seconds: Shorter files are recorded as failed.
+        files_per_task: Files per extraction task (a chunk).
+        minutes_per_task: Also cap a chunk at about this much audio; empty for no cap.
+        gpu_limit: Name of the Prefect global concurrency limit held during model work; empty for none.
+        gpu_slots: Slots of that limit, used when the flow has to create it.
+        only_failed: Re-run only the files whose last attempt failed.
+        run_analysis: Run the embedding analysis on the dataset afterwards.
+        retries: Retries of a chunk whose files failed for transient reasons (I/O, GPU memory).
+        retry_delay_seconds: First retry delay; it doubles each retry, with jitter.
+        manifest_url: SQLAlchemy URL of the manifest; empty for the SQLite file in the store.
+        trust_remote_code: Let a non-MERT hub model run its own code.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    config = ExtractConfig(model=model, revision=revision, device=device, precision=precision,
+                           batch_size=batch_size, keep_raw=keep_raw,
+                           window=WindowSpec(window_seconds, hop_seconds, min_duration_seconds),
+                           trust_remote_code=trust_remote_code)
+    monitor = ResourceMonitor(resolve_device(device))
+    session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
+                                manifest_url=manifest_url, monitor=monitor)
+    chunk_task = process_chunk.with_options(
+        retries=retries, retry_delay_seconds=[retry_delay_seconds * 2 ** i for i in range(retries)])
+    try:
+        with monitor:
+            pending = discover_files(quote(session), audio_dir, only_failed)
+            valid = validate_files(quote(session), pending) if pending else []
+            if valid:
+                if gpu_limit:
+                    ensure_concurrency_limit(gpu_limit, gpu_slots)
+                _extract_chunks(session, chunk_task, chunk_sources(
+                    valid, files_per_task, minutes_per_task * 60 if minutes_per_task else None, session.durations),
+                    gpu_limit or None, len(valid))
+            problems = check_integrity(quote(session))
+        summary = session.summary(audio_dir, time.perf_counter() - started, problems)
+        publish_run_artifacts(summary, session.store, len(pending))
+    finally:
+        session.close()
+    logger.info("Done: %d extracted, %d failed, %d unchanged, %.2f h of audio in %.1f s.", summary.done,
+                summary.failed, summary.unchanged, summary.audio_seconds / 3600, summary.wall_seconds)
+    result = summary.to_dict()
+    if run_analysis:
+        from flows.analyze import analyze_store
+
+        result["analysis"] = analyze_store(store, summary.dataset, manifest_url=manifest_url)
+    return result
+
+
+def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, gpu_limit: str | None,
+                    total_files: int) -> None:
+    """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at
+    most two chunks of decoded audio whatever the number of files."""
+    logger = get_run_logger()
+    progress_id = start_progress(session.store.dataset, total_files)
+    in_flight: list[tuple[PrefectFuture, int]] = []
+    finished = 0
+    fatal: BaseException | None = None
+
+    def settle(future: PrefectFuture, size: int) -> None:
+        nonlocal finished, fatal
+        future.wait()
+        if future.state.is_failed():
+            error = future.state.result(raise_on_failure=False)
+            if isinstance(error, TransientFileErrors):
+                logger.warning("Giving up on %d files after their last retry; they are recorded as failed.",
+                               len(error.outcomes))
+            else:
+                fatal = fatal or error  # the run cannot work at all (model, store): the flow fails
+        finished += size
+        update_progress(progress_id, finished, total_files)
+
+    for index, chunk in enumerate(chunks):
+        if len(in_flight) == 2:
+            settle(*in_flight.pop(0))
+        if fatal is not None:
+            break
+        in_flight.append((chunk_task.submit(quote(session), chunk, gpu_limit, index, len(chunks)), len(chunk)))
+    for future, size in in_flight:
+        settle(future, size)
+    if fatal is not None:
+        raise fatal

@@ -1,0 +1,121 @@
+"""Run reports as plain data: the tables and text the Prefect artifacts (and the CLI) show.
+
+Pure functions of a ``RunSummary`` and manifest rows, so they are tested without Prefect.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mess_ai.pipeline import STAGES, RunSummary
+
+
+def artifact_key(dataset: str, what: str) -> str:
+    """A stable Prefect artifact key (lowercase letters, digits, dashes) per dataset and kind, so the UI's
+    Artifacts page shows one history per key across nightly runs."""
+    slug = re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-") or "dataset"
+    return f"mess-ai-{slug}-{what}"[:100]
+
+
+def summary_table(summary: RunSummary, new_files: int) -> list[dict[str, Any]]:
+    hours = summary.audio_seconds / 3600
+    rtf = summary.real_time_factor
+    rows = [
+        ("audio files found", summary.discovered),
+        ("new or changed", new_files),
+        ("skipped (unchanged)", summary.unchanged),
+        ("done", summary.done),
+        ("failed", summary.failed),
+        ("failed before, unchanged (not retried)", summary.previously_failed),
+        ("audio extracted (hours)", round(hours, 4)),
+        ("wall time (s)", round(summary.wall_seconds, 2)),
+        ("real-time factor (audio s per wall s)", round(rtf, 1) if rtf else "n/a"),
+        ("model loaded", "yes" if summary.model_loaded else "no (nothing new)"),
+        ("store problems", len(summary.integrity_problems)),
+    ]
+    return [{"measure": name, "value": value} for name, value in rows]
+
+
+def stage_table(summary: RunSummary) -> list[dict[str, Any]]:
+    return [{"stage": stage, "seconds": round(summary.stage_seconds.get(stage, 0.0), 3),
+             "files": summary.stage_files.get(stage, 0),
+             "audio seconds": round(summary.stage_audio_seconds.get(stage, 0.0), 1)} for stage in STAGES]
+
+
+def memory_table(summary: RunSummary) -> list[dict[str, Any]]:
+    resources = summary.resources or {}
+    rows = [{"stage": "whole run", "peak RSS (MB)": round(resources.get("peak_rss_mb", 0.0), 1)},
+            {"stage": "at start", "peak RSS (MB)": round(resources.get("start_rss_mb", 0.0), 1)}]
+    for stage in STAGES:
+        peak = (resources.get("peak_rss_mb_by_stage") or {}).get(stage)
+        if peak is not None:
+            rows.append({"stage": stage, "peak RSS (MB)": round(peak, 1)})
+    return rows
+
+
+def gpu_markdown(summary: RunSummary) -> str:
+    gpu = (summary.resources or {}).get("gpu") or {}
+    if not gpu.get("available"):
+        return f"## GPU\n\n{gpu.get('note') or 'CPU-only run: no GPU was used'}.\n"
+    lines = ["## GPU", "", "| measure | value |", "|---|---|", f"| device | {gpu.get('device_name')} |",
+             f"| peak allocated (MB) | {gpu.get('peak_allocated_mb', 0):.0f} |",
+             f"| peak reserved (MB) | {gpu.get('peak_reserved_mb', 0):.0f} |"]
+    if gpu.get("mean_utilization_percent") is not None:
+        lines += [f"| mean utilisation (%) | {gpu['mean_utilization_percent']:.0f} |",
+                  f"| peak utilisation (%) | {gpu['peak_utilization_percent']:.0f} |",
+                  f"| peak memory used, NVML (MB) | {gpu['peak_nvml_memory_used_mb']:.0f} |"]
+    if gpu.get("note"):
+        lines += ["", gpu["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def failures_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Manifest rows of failed files → what a person reads: file, stage, reason, attempts, last attempt."""
+    return [{"file": r["relative_path"], "stage": r["failure_stage"], "reason": r["error_message"],
+             "attempts": r["attempts"],
+             "last attempt (UTC)": r["last_attempt_at"].strftime("%Y-%m-%d %H:%M:%S") if r["last_attempt_at"] else "",
+             "retried next run": "no (same bytes)" if r["permanent"] else "yes"} for r in rows]
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    return round(value, digits) if isinstance(value, float) else ("n/a" if value is None else value)
+
+
+def analysis_metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline numbers of an analysis report, one row each."""
+    clusters, dims, div = report["clusters"], report["dimension"], report["diversity"]
+    rows = [
+        ("tracks", report["n_tracks"]),
+        ("clusters (k-means)", clusters["n_clusters"]),
+        ("cluster sizes", ", ".join(map(str, clusters["sizes"]))),
+        ("silhouette", clusters["silhouette"]),
+        ("Calinski-Harabasz", clusters["calinski_harabasz"]),
+        ("Davies-Bouldin", clusters["davies_bouldin"]),
+        ("outliers", len(report["outliers"]["tracks"])),
+        ("near-duplicate pairs", report["near_duplicates"]["count"]),
+        ("anisotropy (mean cosine, raw)", report["quality"]["anisotropy"]),
+        ("PCA components for 90 %", dims["pca_components_90"]),
+        ("PCA components for 95 %", dims["pca_components_95"]),
+        ("participation ratio", dims["participation_ratio"]),
+        ("intrinsic dimension", dims.get("intrinsic_dimension")),
+        ("mean pairwise cosine distance", div["mean_pairwise_cosine_distance"]),
+        ("Vendi score", div["vendi_score"]),
+    ]
+    return [{"measure": name, "value": _rounded(value)} for name, value in rows]
+
+
+def analysis_layer_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per hidden state, so a person can pick a layer."""
+    rows = []
+    for entry in report.get("per_layer", []):
+        row = {"layer": entry["layer"]}
+        for key, value in entry.items():
+            if key == "layer":
+                continue
+            if isinstance(value, dict):
+                row.update({f"{key} ({k})": _rounded(v) for k, v in value.items()})
+            else:
+                row[key] = _rounded(value)
+        rows.append(row)
+    return rows

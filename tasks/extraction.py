@@ -1,0 +1,158 @@
+"""Prefect tasks for extraction: thin wrappers over the stages of ``mess_ai.pipeline.ExtractionSession``.
+
+The session (store, manifest, model) lives in the flow's process and is handed to the tasks as it is: tasks run
+in threads of that process, and nothing heavy goes through Prefect's caching or result machinery (NO_CACHE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from mess_ai.audio import AudioSource
+from mess_ai.errors import InputError, MessError, TrackBusyError
+from mess_ai.features.extractor import TrackJob
+from mess_ai.pipeline import ExtractionSession, FileOutcome
+
+
+class TransientFileErrors(MessError):
+    """Some files of a chunk failed for reasons worth another try (I/O errors, GPU out of memory, ...)."""
+
+    def __init__(self, outcomes: list[FileOutcome]) -> None:
+        self.outcomes = outcomes
+        names = ", ".join(f"{o.relative_path} ({o.stage}: {o.reason})" for o in outcomes[:5])
+        more = f" and {len(outcomes) - 5} more" if len(outcomes) > 5 else ""
+        super().__init__(f"{len(outcomes)} files failed for reasons worth retrying: {names}{more}")
+
+
+def is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient trouble only: bad input and an unusable model or store fail the same way every time."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, (TransientFileErrors, TrackBusyError, OSError)):
+        return True
+    if isinstance(exc, (InputError, MessError)):
+        return False
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def ensure_concurrency_limit(name: str, slots: int) -> None:
+    """Create the global concurrency limit ``name`` with ``slots`` slots unless it exists (then it is left as
+    an operator may have set it in the UI)."""
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+                logger.info("Created the concurrency limit '%s' with %d slot(s) for model work.", name, slots)
+            except ObjectAlreadyExists:
+                pass  # another run created it at the same moment
+            return
+    if existing.limit != slots:
+        logger.info("Concurrency limit '%s' exists with %d slot(s); keeping it (asked for %d).", name,
+                    existing.limit, slots)
+
+
+GPU_LEASE_SECONDS = 60
+_local_slots: dict[str, threading.Lock] = {}
+_local_slots_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def gpu_slot(name: str) -> Iterator[None]:
+    """One slot of the global limit ``name``. Chunks of this process first queue on a local lock, so they hand
+    the slot to each other at once instead of polling the server for it; other processes and machines still
+    share the slot through Prefect."""
+    with _local_slots_guard:
+        local = _local_slots.setdefault(name, threading.Lock())
+    # A short lease: a run killed while holding the slot blocks the others for a minute, not Prefect's default
+    # five; a live holder renews its lease in the background.
+    with local, concurrency(name, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+        yield
+
+
+@task(name="discover-files", cache_policy=NO_CACHE)
+def discover_files(session: ExtractionSession, audio_dir: str, only_failed: bool) -> list[AudioSource]:
+    """Find audio files and keep the new or changed ones (or, with ``only_failed``, the failed ones)."""
+    logger = get_run_logger()
+    sources = session.discover(audio_dir)
+    pending = session.plan(sources, only_failed)
+    settled = len(sources) - len(pending)
+    logger.info("Found %d audio files in %s: %d to extract, %d unchanged or failed before.",
+                len(sources), audio_dir, len(pending), settled)
+    return pending
+
+
+@task(name="validate-files", cache_policy=NO_CACHE)
+def validate_files(session: ExtractionSession, sources: list[AudioSource]) -> list[AudioSource]:
+    """Check headers; unusable files are recorded as failed with the reason, the rest go on."""
+    valid = session.validate(sources)
+    if len(valid) < len(sources):
+        get_run_logger().warning("%d of %d files are not usable audio (see the failed-files artifact).",
+                                 len(sources) - len(valid), len(sources))
+    return valid
+
+
+@task(name="preprocess-files", cache_policy=NO_CACHE)
+def preprocess_files(session: ExtractionSession, sources: list[AudioSource]) -> list[TrackJob]:
+    """Decode, downmix, resample and window a chunk of files (CPU work, outside the GPU slot)."""
+    return list(session.preprocess(sources))
+
+
+@task(name="extract-embeddings", cache_policy=NO_CACHE)
+def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], gpu_limit: str | None
+                       ) -> list[FileOutcome]:
+    """Run a chunk's windows through the model holding one slot of the GPU limit, and write the features."""
+    logger = get_run_logger()
+    slot = (lambda: gpu_slot(gpu_limit)) if gpu_limit else contextlib.nullcontext
+    try:
+        outcomes = session.extract(jobs, slot=slot)
+    except BaseException:
+        for job in jobs:  # whatever was not written keeps its manifest row pending: redone next run
+            session.abandon(job)
+        raise
+    done = sum(o.status == "done" for o in outcomes)
+    audio = sum(o.duration_seconds or 0.0 for o in outcomes if o.status == "done")
+    logger.info("Extracted %d of %d files (%.1f min of audio).", done, len(outcomes), audio / 60)
+    return outcomes
+
+
+@task(name="process-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=10,
+      retry_jitter_factor=0.5, retry_condition_fn=is_transient)
+def process_chunk(session: ExtractionSession, sources: list[AudioSource], gpu_limit: str | None,
+                  index: int, total: int) -> list[FileOutcome]:
+    """One chunk of files: preprocess, then extract. A retry redoes only the files not settled yet."""
+    logger = get_run_logger()
+    sources = session.still_pending(sources)
+    logger.info("Chunk %d of %d: %d files to extract.", index + 1, total, len(sources))
+    if not sources:
+        return []
+    jobs = preprocess_files(session, sources)
+    outcomes = extract_embeddings(session, jobs, gpu_limit) if jobs else []
+    ids = {s.track_id for s in sources}
+    transient = [o for o in session.outcomes.values()
+                 if o.track_id in ids and o.status == "failed" and not o.permanent]
+    if transient:
+        raise TransientFileErrors(transient)
+    return outcomes
+
+
+@task(name="check-integrity", cache_policy=NO_CACHE)
+def check_integrity(session: ExtractionSession) -> list[str]:
+    """Structural check of the whole dataset: every done track has its files with the right shapes."""
+    problems = session.check()
+    logger = get_run_logger()
+    if problems:
+        logger.error("The store has %d problems: %s", len(problems), "; ".join(problems[:5]))
+    else:
+        logger.info("Store check: every done track has valid files, nothing stray.")
+    return problems

@@ -1,0 +1,171 @@
+"""The Prefect flows against a real (temporary) Prefect API: states, retries, artifacts, the GPU limit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+
+import mess_ai.pipeline
+from flows.extract import extract_features
+from mess_ai.reporting import artifact_key
+from mess_ai.store import FeatureStore
+from tests.helpers.audio import write_audio, write_empty, write_not_audio
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def run_flow(audio, store, model, **kwargs):
+    kwargs.setdefault("retry_delay_seconds", 0)
+    return extract_features(audio_dir=str(audio), store=str(store), model=model, device="cpu", **kwargs)
+
+
+def latest_artifact(key):
+    """The newest artifact with ``key``, read back through the Prefect client."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                          sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert artifacts, f"no artifact {key}"
+    return artifacts[0]
+
+
+def table(artifact):
+    import json
+
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_good_and_bad_files_complete_with_failures_artifact(tmp_path, tiny_model):
+    audio = tmp_path / "audio"
+    for i in range(5):
+        write_audio(audio / f"good{i}.wav", seconds=3.0 + i, frequency=200 + 50 * i)
+    write_empty(audio / "bad" / "empty.wav")
+    write_not_audio(audio / "bad" / "text.flac")
+    state = run_flow(audio, tmp_path / "store", tiny_model, dataset="flowtest", files_per_task=2,
+                     return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert (result["done"], result["failed"], result["exit_code"]) == (5, 2, 1)
+
+    fs = FeatureStore(tmp_path / "store", "flowtest")
+    rows = {r["relative_path"]: r for r in fs.manifest.rows("flowtest")}
+    fs.close()
+    assert {k for k, r in rows.items() if r["status"] == "failed"} == {"bad/empty.wav", "bad/text.flac"}
+    assert all(r["attempts"] == 1 for r in rows.values())
+
+    failed = table(latest_artifact(artifact_key("flowtest", "failed-files")))
+    assert sorted(r["file"] for r in failed) == ["bad/empty.wav", "bad/text.flac"]
+    assert all(r["stage"] == "validate" and r["reason"] and r["attempts"] == 1 for r in failed)
+
+    summary = {r["measure"]: r["value"] for r in table(latest_artifact(artifact_key("flowtest", "run-summary")))}
+    assert summary["done"] == 5 and summary["failed"] == 2 and summary["new or changed"] == 7
+    assert summary["audio extracted (hours)"] == pytest.approx(sum(3 + i for i in range(5)) / 3600, abs=1e-3)
+    stages = {r["stage"]: r for r in table(latest_artifact(artifact_key("flowtest", "stage-times")))}
+    assert stages["preprocess"]["files"] == 5 and stages["extract"]["files"] == 5
+    assert stages["extract"]["audio seconds"] == pytest.approx(25.0, abs=0.1)
+    memory = table(latest_artifact(artifact_key("flowtest", "memory")))
+    assert memory[0]["stage"] == "whole run" and memory[0]["peak RSS (MB)"] > 50
+    assert "CPU-only run" in latest_artifact(artifact_key("flowtest", "gpu")).data
+    progress = latest_artifact(artifact_key("flowtest", "progress"))
+    assert float(progress.data) == 100.0
+
+    again = run_flow(audio, tmp_path / "store", tiny_model, dataset="flowtest")
+    assert again["model_loaded"] is False and again["unchanged"] == 5 and again["previously_failed"] == 2
+
+
+def test_transient_failure_is_retried_and_succeeds(tmp_path, tiny_model, monkeypatch):
+    audio = tmp_path / "audio"
+    write_audio(audio / "flaky.wav", seconds=3.0)
+    write_audio(audio / "steady.wav", seconds=3.0, frequency=300)
+    write_audio(audio / "short.wav", seconds=0.3)
+    real_load = mess_ai.pipeline.load_mono
+    calls = {"flaky.wav": 0}
+
+    def flaky_load(path, rate, **kwargs):  # fault injection: the first read of flaky.wav hits an I/O error
+        if path.name == "flaky.wav":
+            calls["flaky.wav"] += 1
+            if calls["flaky.wav"] == 1:
+                raise OSError(5, "Input/output error (injected)")
+        return real_load(path, rate, **kwargs)
+
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", flaky_load)
+    result = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=8)
+    assert calls["flaky.wav"] == 2
+    fs = FeatureStore(tmp_path / "store", "audio")
+    rows = {r["relative_path"]: r for r in fs.manifest.rows("audio")}
+    fs.close()
+    assert (rows["flaky.wav"]["status"], rows["flaky.wav"]["attempts"]) == ("done", 2)
+    assert (rows["steady.wav"]["status"], rows["steady.wav"]["attempts"]) == ("done", 1)
+    assert (rows["short.wav"]["status"], rows["short.wav"]["attempts"]) == ("failed", 1)  # not retried
+    assert result["done"] == 2 and result["failed"] == 1
+
+
+def test_persistent_transient_failure_recorded_after_last_attempt(tmp_path, tiny_model, monkeypatch):
+    audio = tmp_path / "audio"
+    write_audio(audio / "broken_disk.wav", seconds=3.0)
+    write_audio(audio / "fine.wav", seconds=3.0, frequency=300)
+    real_load = mess_ai.pipeline.load_mono
+
+    def failing_load(path, rate, **kwargs):
+        if path.name == "broken_disk.wav":
+            raise OSError(5, "Input/output error (injected)")
+        return real_load(path, rate, **kwargs)
+
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", failing_load)
+    state = run_flow(audio, tmp_path / "store", tiny_model, retries=2, return_state=True)
+    assert state.is_completed()
+    fs = FeatureStore(tmp_path / "store", "audio")
+    row = {r["relative_path"]: r for r in fs.manifest.rows("audio")}["broken_disk.wav"]
+    fs.close()
+    assert (row["status"], row["attempts"], row["failure_stage"], row["permanent"]) == ("failed", 3, "preprocess",
+                                                                                      False)
+    assert "Input/output error" in row["error_message"]
+    assert state.result()["done"] == 1
+
+
+def test_unloadable_model_fails_the_run(tmp_path):
+    write_audio(tmp_path / "audio" / "a.wav", seconds=2.0)
+    state = run_flow(tmp_path / "audio", tmp_path / "store", str(tmp_path / "missing-model"), return_state=True)
+    assert state.is_failed()
+
+
+def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model):
+    results = {}
+
+    def one(name):
+        audio = tmp_path / name
+        for i in range(4):
+            write_audio(audio / f"t{i}.wav", seconds=6.0, frequency=200 + 40 * i, seed=i)
+        results[name] = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=1,
+                                 gpu_limit="gpu-overlap-test", gpu_slots=1)
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    intervals = sorted(w for r in results.values() for w in r["model_work"])
+    assert len(intervals) == 8 and all(r["done"] == 4 for r in results.values())
+    for (start1, end1), (start2, end2) in zip(intervals, intervals[1:]):
+        assert end1 <= start2, f"model work overlapped: {end1} > {start2}"
+
+
+def test_only_failed_reruns_exactly_the_failed_files(tmp_path, tiny_model):
+    audio = tmp_path / "audio"
+    for i in range(3):
+        write_audio(audio / f"ok{i}.wav", seconds=2.0, frequency=300 + 10 * i)
+    write_audio(audio / "short1.wav", seconds=0.5)
+    write_audio(audio / "short2.wav", seconds=0.5)
+    run_flow(audio, tmp_path / "store", tiny_model)
+    write_audio(audio / "short1.wav", seconds=1.5)  # fixed
+    result = run_flow(audio, tmp_path / "store", tiny_model, only_failed=True)
+    touched = {o["relative_path"]: o["status"] for o in result["outcomes"]}
+    assert touched == {"short1.wav": "done", "short2.wav": "failed"}
+    fs = FeatureStore(tmp_path / "store", "audio")
+    rows = {r["relative_path"]: r["attempts"] for r in fs.manifest.rows("audio")}
+    fs.close()
+    assert rows == {"ok0.wav": 1, "ok1.wav": 1, "ok2.wav": 1, "short1.wav": 1, "short2.wav": 2}
