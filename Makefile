@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench soak server deploy worker watch e2e-scale clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ test: install
 
 demo: install
 	$(BIN)/mess-ai demo --workdir .demo
+
+# Benchmarks (bench/): figures into bench/results and docs/benchmarks.md.
+bench: install
+	$(BIN)/python -m bench
+
+# Long fault-injection runs (repeated SIGKILLs and the like); figures into docs/reliability.md.
+soak: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak tests/reliability $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
