@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,16 +44,20 @@ def test_extract_exit_codes_and_summary(tmp_path, tiny_model, capsys):
     assert data["previously_failed"] == 1 and data["exit_code"] == 1 and data["model_loaded"] is False
 
 
-def test_usage_and_configuration_errors_exit_2(tmp_path, tiny_model, capsys):
+def test_usage_and_configuration_errors_exit_2(tmp_path, tiny_model, capsys, prefect_api):
     write_audio(tmp_path / "audio" / "a.wav", seconds=2.0)
     assert extract(tmp_path / "missing", tmp_path / "store", tiny_model) == 2
     assert "missing" in capsys.readouterr().err
-    assert extract(tmp_path / "audio", tmp_path / "store", str(tmp_path / "no-model")) == 2
-    err = capsys.readouterr().err
-    assert "no-model" in err and "Traceback" not in err
     assert main(["extract", str(tmp_path / "audio"), "--store", str(tmp_path / "s"), "--model", tiny_model,
                  "--hop-seconds", "9"]) == 2
     assert "hop" in capsys.readouterr().err
+    # As a user sees it, in a process of its own: one clear message, no traceback.
+    proc = subprocess.run([sys.executable, "-m", "mess_ai.cli", "extract", str(tmp_path / "audio"), "--store",
+                           str(tmp_path / "store"), "--model", str(tmp_path / "no-model")],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PREFECT_API_URL=prefect_api))
+    assert proc.returncode == 2
+    assert "no-model" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_offline_hub_model_message(tmp_path, capsys, monkeypatch):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,12 @@ from mess_ai.store.atomic import (
     read_npy_header,
     target_of_temp,
 )
-from mess_ai.store.lock import TrackLock
+from mess_ai.store.lock import ClaimedTrackLock, TrackLock
 from mess_ai.store.manifest import Manifest, sqlite_url
 
 SCALES = ("raw", "segments", "aggregated")
+# A claim left by a worker that died is taken over after this long (a live worker finishes a track far sooner).
+CLAIM_TTL_SECONDS = 3600.0
 MANIFEST_FILE = "manifest.sqlite"
 PROVENANCE_FILE = "provenance.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
@@ -75,6 +79,8 @@ class FeatureStore:
         if not os.access(self.dataset_dir, os.W_OK):
             raise StoreError(f"the store folder {self.dataset_dir} is not writable")
         self.manifest = Manifest(manifest_url or sqlite_url(str(self.root / MANIFEST_FILE)))
+        # Identifies this process's claims on tracks in the manifest.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     def close(self) -> None:
         self.manifest.close()
@@ -100,8 +106,10 @@ class FeatureStore:
             return None
 
     # --- tracks ------------------------------------------------------------------------------------------
-    def lock(self, track_id: str) -> TrackLock:
-        return TrackLock(self.lock_dir, track_id)
+    def lock(self, track_id: str) -> ClaimedTrackLock:
+        """The track's lock: a local file lock plus a claim in the manifest (other machines)."""
+        return ClaimedTrackLock(TrackLock(self.lock_dir, track_id), self.manifest, self.dataset, self.owner,
+                                CLAIM_TTL_SECONDS)
 
     def outputs_valid(self, track_id: str, shapes: ExpectedShapes, keep_raw: bool) -> bool:
         """Cheap check (headers and sizes only) that a track's files exist with the expected shapes."""

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mess_ai.errors import TrackBusyError
+
+if TYPE_CHECKING:
+    from mess_ai.store.manifest import Manifest
 
 
 class TrackLock:
@@ -48,6 +53,48 @@ class TrackLock:
             self._fd = None
 
     def __enter__(self) -> "TrackLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ClaimedTrackLock:
+    """The per-track file lock plus a claim in the manifest, so processes on other machines that share the store
+    and the manifest (PostgreSQL) never extract the same track at once. Same interface as ``TrackLock``."""
+
+    def __init__(self, file_lock: TrackLock, manifest: "Manifest", dataset: str, owner: str, ttl_seconds: float,
+                 poll_seconds: float = 1.0) -> None:
+        self.file_lock = file_lock
+        self.manifest = manifest
+        self.dataset = dataset
+        self.track_id = file_lock.track_id
+        self.owner = owner
+        self.ttl_seconds = ttl_seconds
+        self.poll_seconds = poll_seconds
+        self._claimed = False
+
+    def acquire(self, blocking: bool = False) -> None:
+        self.file_lock.acquire(blocking)
+        while not self.manifest.claim(self.dataset, self.track_id, self.owner, self.ttl_seconds):
+            if not blocking:
+                self.file_lock.release()
+                raise TrackBusyError(f"track {self.track_id} is claimed by another worker right now")
+            time.sleep(self.poll_seconds)
+        self._claimed = True
+
+    def release(self) -> None:
+        if self._claimed:
+            self.manifest.release_claim(self.dataset, self.track_id, self.owner)
+            self._claimed = False
+        self.file_lock.release()
+
+    def held_elsewhere(self) -> bool:
+        return self.file_lock.held_elsewhere() or self.manifest.claimed_by_other(self.dataset, self.track_id,
+                                                                                 self.owner)
+
+    def __enter__(self) -> "ClaimedTrackLock":
         self.acquire()
         return self
 

@@ -20,8 +20,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    or_,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import Engine
 
 from mess_ai.errors import StoreError
@@ -55,6 +57,18 @@ tracks = Table(
     Column("duration_seconds", Float),
     Column("n_windows", Integer),
     Column("seconds_spent", Float),
+)
+
+
+# Who is extracting which track right now, across processes and machines sharing one manifest (PostgreSQL in a
+# multi-worker setup). A claim expires, so one held by a worker that died is taken over after its TTL.
+claims = Table(
+    "claims",
+    metadata,
+    Column("dataset", String(200), primary_key=True),
+    Column("track_id", String(200), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -156,6 +170,40 @@ class Manifest:
         self._update(dataset, track_id, status=FAILED, failure_stage=stage, error_class=error_class,
                      error_message=message, permanent=permanent, seconds_spent=seconds_spent,
                      duration_seconds=duration_seconds, n_windows=None)
+
+    def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float) -> bool:
+        """Claim a track for ``owner``; False when another owner holds an unexpired claim."""
+        now = _now()
+        expires = now + dt.timedelta(seconds=ttl_seconds)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(claims.insert().values(dataset=dataset, track_id=track_id, owner=owner,
+                                                    expires_at=expires))
+            return True
+        except IntegrityError:
+            pass
+        # Taken over only when expired (or already ours): one conditional UPDATE, atomic in every database.
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                claims.update()
+                .where(claims.c.dataset == dataset, claims.c.track_id == track_id,
+                       or_(claims.c.expires_at < now, claims.c.owner == owner))
+                .values(owner=owner, expires_at=expires))
+        return result.rowcount == 1
+
+    def release_claim(self, dataset: str, track_id: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
+                                               claims.c.owner == owner))
+
+    def claimed_by_other(self, dataset: str, track_id: str, owner: str) -> bool:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(claims.c.owner, claims.c.expires_at).where(
+                claims.c.dataset == dataset, claims.c.track_id == track_id)).first()
+        if row is None or row.owner == owner:
+            return False
+        expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.timezone.utc)
+        return expires > _now()
 
     def forget(self, dataset: str, track_id: str) -> None:
         with self.engine.begin() as conn:
