@@ -342,6 +342,7 @@ class ExtractionSession:
                         source.track_id, source.relative, "previously_failed", row["failure_stage"],
                         row["error_class"], row["error_message"], row["attempts"], row["duration_seconds"],
                         permanent=True), announce=False)
+        self.progress("plan", {"discovered": len(sources), "pending": len(pending)})
         return pending
 
     def still_pending(self, sources: list[AudioSource]) -> list[AudioSource]:
@@ -615,7 +616,6 @@ def run_extraction(
             pending = session.plan(sources, only_failed)
             log.info("Found %d audio files in %s: %d to extract, %d unchanged or failed before.",
                      len(sources), audio_dir, len(pending), len(sources) - len(pending))
-            session.progress("plan", {"discovered": len(sources), "pending": len(pending)})
             valid = session.validate(pending)
             if valid:
                 jobs = session.preprocess(valid)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,61 @@ def _is_usable_file(entry: os.DirEntry, real_root: str) -> bool:
     """A regular file, or a symlink whose target is a regular file inside the root (broken links are not)."""
     if not entry.is_symlink():
         return entry.is_file(follow_symlinks=False)
-    target = os.path.realpath(entry.path)
-    return os.path.isfile(target) and os.path.commonpath([real_root, target]) == real_root
+    return _link_target_inside(entry.path, real_root)
+
+
+def _link_target_inside(link: str, real_root: str) -> bool:
+    target = os.path.realpath(link)
+    return os.path.isfile(target) and _inside(target, real_root)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path != directory and os.path.commonpath([directory, path]) == directory
+
+
+def audio_source_at(root: str | Path, path: str | Path) -> AudioSource | None:
+    """The source ``discover_audio(root)`` lists for the file at ``path``, or None when the walk would not list it.
+
+    For paths reported by a file watcher, which follows symlinked directories and may report paths under the
+    resolved root (macOS): such a path is resolved up to its parent and kept only when that lands inside the root,
+    under the relative path the walk lists. Files that are missing or vanish during the check give None.
+    """
+    root_path = os.path.abspath(os.fspath(root))
+    path = os.path.abspath(os.fspath(path))
+    real_root = os.path.realpath(root_path)
+    relative = _relative_inside(path, root_path)
+    if relative is None or _through_symlinked_dir(root_path, relative):
+        resolved = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        relative = _relative_inside(resolved, real_root)
+        if relative is None:
+            return None
+    parts = relative.split("/")
+    if any(part.startswith(".") for part in parts) or not parts[-1].lower().endswith(AUDIO_EXTENSIONS):
+        return None
+    full = os.path.join(root_path, *parts)
+    try:
+        mode = os.lstat(full).st_mode
+    except OSError:
+        return None
+    usable = _link_target_inside(full, real_root) if stat.S_ISLNK(mode) else stat.S_ISREG(mode)
+    return AudioSource(Path(full), relative, make_track_id(relative)) if usable else None
+
+
+def _relative_inside(path: str, directory: str) -> str | None:
+    """``path`` relative to ``directory`` as a POSIX path, or None when it is not strictly inside it."""
+    if not _inside(path, directory):
+        return None
+    return os.path.relpath(path, directory).replace(os.sep, "/")
+
+
+def _through_symlinked_dir(root_path: str, relative: str) -> bool:
+    """Whether a folder on the way from the root to ``relative`` is a symlink (the walk never enters those)."""
+    folder = root_path
+    for part in relative.split("/")[:-1]:
+        folder = os.path.join(folder, part)
+        if os.path.islink(folder):
+            return True
+    return False
 
 
 def make_track_id(relative: str) -> str:

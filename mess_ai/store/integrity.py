@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mess_ai.store.atomic import load_npy, target_of_temp
+from mess_ai.store.atomic import load_npy
 from mess_ai.store.layout import SCALES, FeatureStore
 from mess_ai.store.manifest import DONE
 
@@ -95,9 +95,8 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
             status = rows[path.stem]["status"] if path.stem in rows else "no manifest row"
             report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
     for temp in store.temp_files():
-        target = target_of_temp(temp)
-        if target is not None and target.parent != store.dataset_dir and store.lock(target.stem).held_elsewhere():
-            continue  # a run is writing this track right now
+        if store.temp_in_use(temp):
+            continue  # a run is writing it right now
         report.problems.append(Problem(dataset, None, str(temp), "temporary file left by an interrupted write"))
 
 

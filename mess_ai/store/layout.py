@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -96,8 +95,17 @@ class FeatureStore:
         return self.dataset_dir / PROVENANCE_FILE
 
     # --- provenance --------------------------------------------------------------------------------------
+    def _provenance_lock(self) -> TrackLock:
+        # Not a track id: those never start with a dot.
+        return TrackLock(self.lock_dir, ".provenance")
+
     def write_provenance(self, provenance: dict[str, Any]) -> None:
-        atomic_write_json(self.provenance_path, provenance)
+        lock = self._provenance_lock()
+        lock.acquire(blocking=True)
+        try:
+            atomic_write_json(self.provenance_path, provenance)
+        finally:
+            lock.release()
 
     def read_provenance(self) -> dict[str, Any] | None:
         try:
@@ -162,6 +170,14 @@ class FeatureStore:
         found.extend(sorted(self.dataset_dir.glob(f".*{TEMP_MARKER}*")) if track_id is None else [])
         return found
 
+    def _lock_for_temp(self, target: Path) -> TrackLock | ClaimedTrackLock:
+        return self._provenance_lock() if target.parent == self.dataset_dir else self.lock(target.stem)
+
+    def temp_in_use(self, temp: Path) -> bool:
+        """True while the process that writes ``temp`` is alive and holds the lock of what it writes."""
+        target = target_of_temp(temp)
+        return target is not None and self._lock_for_temp(target).held_elsewhere()
+
     def sweep_temp_files(self) -> list[Path]:
         """Remove temporary files whose track no running process holds; returns what was removed."""
         removed = []
@@ -169,13 +185,7 @@ class FeatureStore:
             target = target_of_temp(temp)
             if target is None:
                 continue
-            if target.parent == self.dataset_dir:
-                # provenance has no track lock; a write of it takes milliseconds, so an old temp is orphaned.
-                if time.time() - temp.stat().st_mtime > 60:
-                    temp.unlink(missing_ok=True)
-                    removed.append(temp)
-                continue
-            lock = self.lock(target.stem)
+            lock = self._lock_for_temp(target)
             try:
                 lock.acquire()
             except StoreError:

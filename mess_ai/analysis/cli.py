@@ -1,0 +1,143 @@
+"""The ``similar`` and ``analyze`` subcommands, added to the ``mess-ai`` parser by ``register(subparsers)``.
+
+Both are thin shells over ``find_similar`` and ``run_analysis``. Exit codes: 0 done, 2 usage error (unknown
+track, bad labels, missing store), with ``mess-ai: error: ...`` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mess_ai.errors import MessError
+
+EXIT_OK, EXIT_USAGE = 0, 2
+_USAGE_ERRORS = (MessError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def _layer(text: str):
+    from mess_ai.analysis.preprocessing import parse_layer
+
+    try:
+        return parse_layer(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "undefined" if value is None else format(value, spec)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"mess-ai: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from mess_ai.analysis.search import find_similar
+
+    try:
+        results = find_similar(args.store, args.dataset, args.track, k=args.k, layer=args.layer,
+                               diverse=args.diverse, manifest_url=args.manifest_url)
+    except _USAGE_ERRORS as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return EXIT_OK
+    how = "diversified (maximal marginal relevance)" if args.diverse else "most similar"
+    print(f"{len(results)} {how} tracks to {args.track} (layer {args.layer}, cosine of centred embeddings):")
+    for r in results:
+        print(f"  {r['rank']:3d}. {r['similarity']:+.3f}  {r['relative_path']}  [{r['track_id']}]")
+    return EXIT_OK
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from mess_ai.analysis.report import run_analysis
+
+    try:
+        report = run_analysis(args.store, args.dataset, labels_csv=args.labels, n_clusters=args.clusters,
+                              baseline=not args.no_baseline, manifest_url=args.manifest_url)
+    except _USAGE_ERRORS as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    clusters, dims, div = report["clusters"], report["dimension"], report["diversity"]
+    print(f"mess-ai analyze: dataset '{report['dataset']}', {report['n_tracks']} tracks "
+          f"({report['n_hidden_states']} hidden states x {report['hidden_size']})")
+    print(f"  k-means: {clusters['n_clusters']} clusters ({clusters['chosen_by']}), sizes {clusters['sizes']}, "
+          f"silhouette {_number(clusters['silhouette'])}")
+    for name in ("agglomerative", "dbscan"):
+        method = clusters[name]
+        if "skipped" in method:
+            print(f"  {name}: skipped ({method['skipped']})")
+        else:
+            noise = f", {method['n_noise']} noise" if "n_noise" in method else ""
+            print(f"  {name}: {method['n_clusters']} clusters, sizes {method['sizes']}{noise}, silhouette "
+                  f"{_number(method['silhouette'])}")
+    print(f"  outliers: {len(report['outliers']['tracks'])}   near-duplicate pairs: "
+          f"{report['near_duplicates']['count']}   anisotropy: {report['quality']['anisotropy']:.2f}")
+    print(f"  intrinsic dimension (TwoNN): {_number(dims['intrinsic_dimension'], '.1f')}   PCA components for "
+          f"90 % / 95 %: {dims['pca_components_90']} / {dims['pca_components_95']}   participation ratio: "
+          f"{_number(dims['participation_ratio'], '.1f')}   Vendi score: {div['vendi_score']:.2f}")
+    for column, metrics in report["labels"]["columns"].items():
+        under = [u["label"] for u in report["coverage"].get(column, {}).get("under_covered", [])]
+        print(f"  label '{column}': {metrics['n_labelled']} labelled, k-NN accuracy "
+              f"{_number(metrics['knn_accuracy'])}" + (f", under-covered: {', '.join(under)}" if under else ""))
+    rows = report["method_comparison"]["methods"]
+    for column in rows[0]["knn_label_agreement"]:
+        scored = [r for r in rows if r["knn_label_agreement"][column] is not None]
+        if scored:
+            best = max(scored, key=lambda r: r["knn_label_agreement"][column])
+            print(f"  best of {len(rows)} methods for '{column}': {best['method']} (k-NN agreement "
+                  f"{best['knn_label_agreement'][column]:.2f})")
+    baseline = report["baseline"]
+    if baseline["available"]:
+        accuracies = ", ".join(f"'{c}' k-NN accuracy {m['knn_accuracy']:.2f}"
+                               for c, m in baseline["labels"].items() if m["knn_accuracy"] is not None)
+        print(f"  MFCC + chroma baseline: {baseline['n_tracks']} tracks, agreement with the embedding clusters "
+              f"(ARI) {baseline['agreement_with_embedding_clusters_ari']:.2f}" + (f", {accuracies}" if accuracies
+                                                                                 else ""))
+    else:
+        print(f"  MFCC + chroma baseline: not computed ({baseline['reason']})")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    print(f"  report: {report['files']['report']}")
+    for name, path in report["files"]["plots"].items():
+        print(f"  plot {name}: {path}")
+    return EXIT_OK
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, type=Path, help="feature store folder")
+    p.add_argument("--dataset", default=None, help="dataset inside the store (default: the store's only one)")
+    p.add_argument("--manifest-url", default=None,
+                   help="SQLAlchemy URL of the manifest (default: SQLite file manifest.sqlite in the store)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``similar`` and ``analyze`` to the ``mess-ai`` subcommands."""
+    p = subparsers.add_parser("similar", help="tracks most similar to one track of the store")
+    p.add_argument("track", metavar="TRACK_ID",
+                   help="track id, path relative to the audio folder, or a file name only one track has")
+    _add_store_args(p)
+    p.add_argument("-k", type=int, default=10, help="number of tracks to list (default 10)")
+    p.add_argument("--layer", type=_layer, default="mean",
+                   help="hidden state to compare (0 = CNN front end) or 'mean' over all (default)")
+    p.add_argument("--diverse", action="store_true",
+                   help="re-rank by maximal marginal relevance, so near-duplicates do not fill the list")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_similar)
+
+    p = subparsers.add_parser("analyze", help="quality, dimension per layer, clusters, diversity, label coverage, "
+                                              "method comparison: report + plots")
+    _add_store_args(p)
+    p.add_argument("--labels", type=Path, default=None,
+                   help="CSV with a 'file' column (file name, relative path or track id) and label columns")
+    p.add_argument("--clusters", type=int, default=None, help="number of clusters (default: best silhouette)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the MFCC + chroma baseline (it decodes every source file once, then is cached)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
+    p.set_defaults(func=cmd_analyze)
