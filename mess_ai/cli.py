@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mess_ai.analysis import cli as analysis_cli
 from mess_ai.errors import MessError
 
 log = logging.getLogger("mess_ai.cli")
@@ -100,13 +101,15 @@ def _prepare_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The pipeline's own log lines reach the Prefect UI with the flow's.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mess_ai")
 
 
 class _HideExpectedErrors(logging.Filter):
     """Our own errors get one clear line from the CLI; Prefect need not print their tracebacks too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], (MessError, FileNotFoundError)))
+        return not (record.exc_info and isinstance(record.exc_info[1], (MessError, FileNotFoundError, ValueError)))
 
 
 def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bool) -> int:
@@ -149,6 +152,18 @@ def prefect_ui_hint() -> str:
         return f"  the run and its artifacts: {where}/runs and {where}/artifacts"
     return ("  the run and its artifacts are in Prefect's local database: start the UI with `make server` "
             "(or `.venv/bin/prefect server start`) and open http://127.0.0.1:4200/runs and /artifacts")
+
+
+def _analyze_via_flow(store: Path, dataset: str | None, *, labels_csv: Path | None, n_clusters: int | None,
+                      baseline: bool, manifest_url: str | None) -> dict:
+    """``mess-ai analyze``: the analysis as a run of the ``analyze-embeddings`` flow (artifacts in the UI)."""
+    _prepare_prefect(logging.getLogger().level <= logging.DEBUG)
+    from flows.analyze import analyze_store
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_HideExpectedErrors())
+    return analyze_store(store=str(store), dataset=dataset, labels_csv=str(labels_csv) if labels_csv else None,
+                         n_clusters=n_clusters, baseline=baseline, manifest_url=manifest_url)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -304,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("failures", help="list failed files with stage, reason and attempts")
     _add_store_args(p)
     p.set_defaults(func=cmd_failures)
+
+    analysis_cli.register(sub, analyze_runner=_analyze_via_flow)
 
     p = sub.add_parser("make-test-model",
                        help="write a MERT-v1-format checkpoint with RANDOM weights (tests, demo, benchmarks)")

@@ -169,3 +169,20 @@ def test_only_failed_reruns_exactly_the_failed_files(tmp_path, tiny_model):
     rows = {r["relative_path"]: r["attempts"] for r in fs.manifest.rows("audio")}
     fs.close()
     assert rows == {"ok0.wav": 1, "ok1.wav": 1, "ok2.wav": 1, "short1.wav": 1, "short2.wav": 2}
+
+
+def test_analysis_flow_publishes_metrics_and_plots(tmp_path, tiny_model):
+    from flows.analyze import analyze_store
+    from mess_ai.demo import write_demo_audio
+
+    write_demo_audio(tmp_path / "audio")
+    run_flow(tmp_path / "audio", tmp_path / "store", tiny_model, dataset="demo-analysis")
+    report = analyze_store(store=str(tmp_path / "store"), dataset="demo-analysis")
+    assert report["n_tracks"] == 5
+    metrics = {r["measure"]: r["value"] for r in table(latest_artifact(artifact_key("demo-analysis",
+                                                                                    "analysis-metrics")))}
+    assert metrics["tracks"] == 5 and metrics["clusters (k-means)"] == report["clusters"]["n_clusters"]
+    layers = table(latest_artifact(artifact_key("demo-analysis", "analysis-layers")))
+    assert [row["layer"] for row in layers] == [0, 1, 2]
+    plots = latest_artifact(artifact_key("demo-analysis", "analysis-plots")).data
+    assert plots.count("data:image/png;base64,") == len(report["files"]["plots"]) >= 4

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from mess_ai.errors import MessError
 
@@ -56,9 +57,10 @@ def cmd_similar(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from mess_ai.analysis.report import run_analysis
 
+    runner = args.analyze_runner or run_analysis
     try:
-        report = run_analysis(args.store, args.dataset, labels_csv=args.labels, n_clusters=args.clusters,
-                              baseline=not args.no_baseline, manifest_url=args.manifest_url)
+        report = runner(args.store, args.dataset, labels_csv=args.labels, n_clusters=args.clusters,
+                        baseline=not args.no_baseline, manifest_url=args.manifest_url)
     except _USAGE_ERRORS as exc:
         return _fail(exc)
     if args.json:
@@ -75,8 +77,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(f"  {name}: skipped ({method['skipped']})")
         else:
             noise = f", {method['n_noise']} noise" if "n_noise" in method else ""
-            print(f"  {name}: {method['n_clusters']} clusters, sizes {method['sizes']}{noise}, silhouette "
-                  f"{_number(method['silhouette'])}")
+            print(f"  {name}: {method['n_clusters']} cluster{'' if method['n_clusters'] == 1 else 's'}, sizes "
+                  f"{method['sizes']}{noise}, silhouette {_number(method['silhouette'])}")
     print(f"  outliers: {len(report['outliers']['tracks'])}   near-duplicate pairs: "
           f"{report['near_duplicates']['count']}   anisotropy: {report['quality']['anisotropy']:.2f}")
     print(f"  intrinsic dimension (TwoNN): {_number(dims['intrinsic_dimension'], '.1f')}   PCA components for "
@@ -117,8 +119,9 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                    help="SQLAlchemy URL of the manifest (default: SQLite file manifest.sqlite in the store)")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``similar`` and ``analyze`` to the ``mess-ai`` subcommands."""
+def register(subparsers: argparse._SubParsersAction, analyze_runner: Callable[..., dict] | None = None) -> None:
+    """Add ``similar`` and ``analyze`` to the ``mess-ai`` subcommands. ``analyze_runner`` replaces
+    ``run_analysis`` (same arguments), e.g. to run it as a Prefect flow."""
     p = subparsers.add_parser("similar", help="tracks most similar to one track of the store")
     p.add_argument("track", metavar="TRACK_ID",
                    help="track id, path relative to the audio folder, or a file name only one track has")
@@ -140,4 +143,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the MFCC + chroma baseline (it decodes every source file once, then is cached)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
-    p.set_defaults(func=cmd_analyze)
+    p.set_defaults(func=cmd_analyze, analyze_runner=analyze_runner)

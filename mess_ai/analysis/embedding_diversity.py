@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mess_ai.analysis.embedding_analyzer import (
-    each_layer,
     components_for,
+    each_layer,
     explained_variance_ratio,
     knn_label_accuracy,
     mean_cosine_similarity,
@@ -136,10 +136,10 @@ def representations(features: np.ndarray) -> dict[str, np.ndarray]:
     """The ways to represent tracks from features float [n_tracks, n_layers, hidden] that
     ``compare_embedding_methods`` weighs against each other, each float64 [n_tracks, d]:
 
-    ``layer i, centred``: layer i centred and L2-normalised, as similarity search compares it; ``layer mean, raw``: the
-    mean over layers as stored; ``layer mean, centred``: that centred and L2-normalised (search's default);
-    ``layer mean, whitened``: projected on the principal axes holding 90 % of its variance, each scaled to unit
-    variance, then L2-normalised.
+    ``layer i, centred``: layer i centred and L2-normalised, as similarity search compares it;
+    ``layer mean, raw``: the mean over layers as stored; ``layer mean, centred``: that centred and L2-normalised
+    (search's default); ``layer mean, whitened``: projected on the principal axes holding 90 % of its variance,
+    each scaled to unit variance, then L2-normalised.
     """
     features = check_features(features, min_samples=2)
     if features.ndim != 3:

@@ -77,7 +77,8 @@ class ClaimedTrackLock:
 
     def acquire(self, blocking: bool = False) -> None:
         self.file_lock.acquire(blocking)
-        while not self.manifest.claim(self.dataset, self.track_id, self.owner, self.ttl_seconds):
+        host = self.owner.split(":", 1)[0] + ":"
+        while not self.manifest.claim(self.dataset, self.track_id, self.owner, self.ttl_seconds, host):
             if not blocking:
                 self.file_lock.release()
                 raise TrackBusyError(f"track {self.track_id} is claimed by another worker right now")

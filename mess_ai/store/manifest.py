@@ -171,8 +171,13 @@ class Manifest:
                      error_message=message, permanent=permanent, seconds_spent=seconds_spent,
                      duration_seconds=duration_seconds, n_windows=None)
 
-    def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float) -> bool:
-        """Claim a track for ``owner``; False when another owner holds an unexpired claim."""
+    def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float, same_host_prefix: str | None = None
+              ) -> bool:
+        """Claim a track for ``owner``; False when another owner holds an unexpired claim.
+
+        ``same_host_prefix``: owners starting with it (this host) are taken over at once. The caller holds the
+        track's file lock, so no live process of this host is working on the track: such a claim is a leftover
+        of a process that was killed."""
         now = _now()
         expires = now + dt.timedelta(seconds=ttl_seconds)
         try:
@@ -182,12 +187,15 @@ class Manifest:
             return True
         except IntegrityError:
             pass
-        # Taken over only when expired (or already ours): one conditional UPDATE, atomic in every database.
+        # Taken over only when expired, ours, or left by a dead process of this host: one conditional UPDATE,
+        # atomic in every database.
+        takeover = [claims.c.expires_at < now, claims.c.owner == owner]
+        if same_host_prefix:
+            takeover.append(claims.c.owner.startswith(same_host_prefix, autoescape=True))
         with self.engine.begin() as conn:
             result = conn.execute(
                 claims.update()
-                .where(claims.c.dataset == dataset, claims.c.track_id == track_id,
-                       or_(claims.c.expires_at < now, claims.c.owner == owner))
+                .where(claims.c.dataset == dataset, claims.c.track_id == track_id, or_(*takeover))
                 .values(owner=owner, expires_at=expires))
         return result.rowcount == 1
 

@@ -34,3 +34,17 @@ def test_manifest_survives_reopen(tmp_path):
     _attempt(m)
     m.close()
     assert Manifest(url).get("ds", "t1")["relative_path"] == "a.wav"
+
+
+def test_claims_exclude_other_owners_until_expired_or_same_host(tmp_path):
+    m = Manifest(sqlite_url(str(tmp_path / "m.sqlite")))
+    assert m.claim("ds", "t1", "hostA:1:aa", ttl_seconds=60)
+    assert m.claim("ds", "t1", "hostA:1:aa", ttl_seconds=60)  # renewing one's own
+    assert not m.claim("ds", "t1", "hostB:2:bb", ttl_seconds=60)
+    assert m.claimed_by_other("ds", "t1", "hostB:2:bb")
+    # a process of hostA that holds the track's file lock takes over a claim left by a dead hostA process
+    assert m.claim("ds", "t1", "hostA:3:cc", ttl_seconds=60, same_host_prefix="hostA:")
+    assert not m.claim("ds", "t1", "hostB:2:bb", ttl_seconds=60, same_host_prefix="hostB:")
+    m.release_claim("ds", "t1", "hostA:3:cc")
+    assert m.claim("ds", "t1", "hostB:2:bb", ttl_seconds=-1)  # expired at once
+    assert m.claim("ds", "t1", "hostC:4:dd", ttl_seconds=60)  # takes over the expired claim

@@ -1,0 +1,23 @@
+"""Prefect task for embedding analysis: a thin wrapper over ``mess_ai.analysis.run_analysis``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from mess_ai.analysis import run_analysis
+
+
+@task(name="analyze-embeddings", cache_policy=NO_CACHE)
+def analyze_embeddings(store: str, dataset: str | None, labels_csv: str | None, n_clusters: int | None,
+                       random_state: int, baseline: bool, manifest_url: str | None) -> dict[str, Any]:
+    """Clusters, outliers, duplicates, dimension and diversity of a dataset; writes the report and plots."""
+    report = run_analysis(store, dataset, labels_csv=labels_csv, n_clusters=n_clusters, random_state=random_state,
+                          baseline=baseline, manifest_url=manifest_url)
+    get_run_logger().info("Analysed %d tracks of '%s': %d clusters, %d outliers, %d near-duplicate pairs; "
+                          "report in %s.", report["n_tracks"], report["dataset"], report["clusters"]["n_clusters"],
+                          len(report["outliers"]["tracks"]), report["near_duplicates"]["count"],
+                          report["files"]["report"])
+    return report
