@@ -6,7 +6,18 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench soak server deploy worker watch e2e-scale clean
+.PHONY: install test demo bench soak server deploy worker watch serve e2e-scale clean
+
+# Operations (see docs/operations.md). The server listens on loopback only; the paths are defaults for one machine.
+HOST ?= 127.0.0.1
+PORT ?= 4200
+API  ?= http://$(HOST):$(PORT)/api
+export MESS_AI_INCOMING ?= $(CURDIR)/data/incoming
+export MESS_AI_STORE    ?= $(CURDIR)/data/store
+export MESS_AI_MODEL    ?= m-a-p/MERT-v1-95M
+export MESS_AI_TIMEZONE ?= UTC
+export MESS_AI_CODE_DIR ?= $(CURDIR)
+POOL ?= mess-ai-process
 
 install: $(VENV)/.installed
 
@@ -30,6 +41,31 @@ bench: install
 # Long fault-injection runs (repeated SIGKILLs and the like); figures into docs/reliability.md.
 soak: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak tests/reliability $(PYTEST_ARGS)
+
+# A Prefect server on SQLite (in ~/.prefect unless PREFECT_HOME says otherwise), UI at http://$(HOST):$(PORT).
+server: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host $(HOST) --port $(PORT)
+
+# Every deployment of prefect.yaml on a process work pool (run `make worker` to execute them).
+deploy: install
+	mkdir -p "$(MESS_AI_INCOMING)" "$(MESS_AI_STORE)"
+	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process --overwrite
+	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
+
+worker: install
+	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL)
+
+# Or, on one machine without a worker: every deployment served from one process.
+serve: install
+	PREFECT_API_URL=$(API) $(BIN)/mess-ai serve
+
+watch: install
+	mkdir -p "$(MESS_AI_INCOMING)"
+	PREFECT_API_URL=$(API) $(BIN)/mess-ai watch "$(MESS_AI_INCOMING)" --store "$(MESS_AI_STORE)"
+
+# Scale-out check (not in CI): PostgreSQL from Debian packages, two workers, one folder.
+e2e-scale: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m e2e_scale tests/test_scale_out.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

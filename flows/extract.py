@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def extract_features(
     gpu_limit: str = "gpu",
     gpu_slots: int = 1,
     only_failed: bool = False,
+    files: list[str] | None = None,
     run_analysis: bool = False,
     retries: int = 3,
     retry_delay_seconds: float = 10.0,
@@ -68,8 +70,10 @@ def extract_features(
         files_per_task: Files per extraction task (a chunk).
         minutes_per_task: Also cap a chunk at about this much audio; empty for no cap.
         gpu_limit: Name of the Prefect global concurrency limit held during model work; empty for none.
+            "{host}" in it is replaced by this machine's host name (one limit per GPU host: "gpu:{host}").
         gpu_slots: Slots of that limit, used when the flow has to create it.
         only_failed: Re-run only the files whose last attempt failed.
+        files: Only these files (paths relative to audio_dir); empty for all. Used by the shards of a scaled-out run.
         run_analysis: Run the embedding analysis on the dataset afterwards.
         retries: Retries of a chunk whose files failed for transient reasons (I/O, GPU memory).
         retry_delay_seconds: First retry delay; it doubles each retry, with jitter.
@@ -78,6 +82,7 @@ def extract_features(
     """
     logger = get_run_logger()
     started = time.perf_counter()
+    gpu_limit = gpu_limit.replace("{host}", socket.gethostname()) if gpu_limit else gpu_limit
     config = ExtractConfig(model=model, revision=revision, device=device, precision=precision,
                            batch_size=batch_size, keep_raw=keep_raw,
                            window=WindowSpec(window_seconds, hop_seconds, min_duration_seconds),
@@ -89,7 +94,7 @@ def extract_features(
         retries=retries, retry_delay_seconds=[retry_delay_seconds * 2 ** i for i in range(retries)])
     try:
         with monitor:
-            pending = discover_files(quote(session), audio_dir, only_failed)
+            pending = discover_files(quote(session), audio_dir, only_failed, files)
             valid = validate_files(quote(session), pending) if pending else []
             if valid:
                 if gpu_limit:

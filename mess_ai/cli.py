@@ -291,6 +291,22 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="allow a non-MERT hub model to run its own code (off by default)")
 
 
+def _register_deployment_commands(sub: argparse._SubParsersAction) -> None:
+    """`serve` and `watch` start things (deployments/): they are only imported when used."""
+    p = sub.add_parser("serve", help="serve every deployment of prefect.yaml (schedules included) from this "
+                                     "process, against the server at PREFECT_API_URL")
+    p.add_argument("names", nargs="*", help="only these deployments (default: all)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _prepare_prefect(args.verbose)
+    from deployments.serve import serve_all
+
+    serve_all(args.names)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mess-ai", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -321,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_failures)
 
     analysis_cli.register(sub, analyze_runner=_analyze_via_flow)
+    _register_deployment_commands(sub)
 
     p = sub.add_parser("make-test-model",
                        help="write a MERT-v1-format checkpoint with RANDOM weights (tests, demo, benchmarks)")

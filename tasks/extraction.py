@@ -81,10 +81,15 @@ def gpu_slot(name: str) -> Iterator[None]:
 
 
 @task(name="discover-files", cache_policy=NO_CACHE)
-def discover_files(session: ExtractionSession, audio_dir: str, only_failed: bool) -> list[AudioSource]:
-    """Find audio files and keep the new or changed ones (or, with ``only_failed``, the failed ones)."""
+def discover_files(session: ExtractionSession, audio_dir: str, only_failed: bool,
+                   files: list[str] | None = None) -> list[AudioSource]:
+    """Find audio files and keep the new or changed ones (or, with ``only_failed``, the failed ones); with
+    ``files``, only those (paths relative to ``audio_dir``)."""
     logger = get_run_logger()
     sources = session.discover(audio_dir)
+    if files is not None:
+        wanted = set(files)
+        sources = [s for s in sources if s.relative in wanted]
     pending = session.plan(sources, only_failed)
     settled = len(sources) - len(pending)
     logger.info("Found %d audio files in %s: %d to extract, %d unchanged or failed before.",
