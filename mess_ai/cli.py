@@ -124,6 +124,7 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_HideExpectedErrors())
+    gpu_limit = default_gpu_limit() if args.gpu_limit is None else args.gpu_limit
     bar = _Progress()
     try:
         with progress_events.listening(bar):
@@ -132,7 +133,7 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
                 revision=args.revision, device=args.device, precision=args.precision, batch_size=args.batch_size,
                 keep_raw=args.keep_raw, window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
                 min_duration_seconds=args.min_duration, files_per_task=args.files_per_task,
-                gpu_limit=args.gpu_limit, only_failed=only_failed, manifest_url=args.manifest_url,
+                gpu_limit=gpu_limit, only_failed=only_failed, manifest_url=args.manifest_url,
                 trust_remote_code=args.trust_remote_code)
     finally:
         bar.close()
@@ -143,6 +144,15 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
         print_summary(summary)
         print(prefect_ui_hint())
     return summary.exit_code
+
+
+def default_gpu_limit() -> str:
+    """'gpu' when a Prefect server is configured; none on the temporary in-process API, whose lease cleanup does
+    not run: a slot held by a run killed there would block later runs for good (chunks of one process still
+    take turns on the model through a local lock)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return "gpu" if PREFECT_API_URL.value() else ""
 
 
 def prefect_ui_hint() -> str:
@@ -285,14 +295,18 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hop-seconds", type=float, default=2.5)
     p.add_argument("--min-duration", type=float, default=1.0, help="shorter files are recorded as failed")
     p.add_argument("--files-per-task", type=int, default=16, help="files per Prefect extraction task")
-    p.add_argument("--gpu-limit", default="gpu",
-                   help="Prefect global concurrency limit held during model work ('' for none)")
+    p.add_argument("--gpu-limit", default=None,
+                   help="Prefect global concurrency limit held during model work ('' for none; default 'gpu' "
+                        "with a Prefect server, none on the temporary API)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a non-MERT hub model to run its own code (off by default)")
 
 
 def _register_deployment_commands(sub: argparse._SubParsersAction) -> None:
-    """`serve` and `watch` start things (deployments/): they are only imported when used."""
+    """`serve` and `watch` start things (deployments/)."""
+    from deployments.watch import register as register_watch
+
+    register_watch(sub)
     p = sub.add_parser("serve", help="serve every deployment of prefect.yaml (schedules included) from this "
                                      "process, against the server at PREFECT_API_URL")
     p.add_argument("names", nargs="*", help="only these deployments (default: all)")

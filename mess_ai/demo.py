@@ -55,7 +55,7 @@ def write_demo_audio(folder: Path) -> list[Path]:
 
 def run_demo(workdir: Path) -> int:
     """Write the demo inputs (once) and extract them through the ``extract-features`` Prefect flow."""
-    from mess_ai.cli import prefect_ui_hint, print_summary
+    from mess_ai.cli import default_gpu_limit, prefect_ui_hint, print_summary
     from mess_ai.features.model import write_test_model
     from mess_ai.pipeline import RunSummary
 
@@ -77,7 +77,8 @@ def run_demo(workdir: Path) -> int:
     from flows.extract import extract_features
 
     summary = RunSummary.from_dict(extract_features(audio_dir=str(audio_dir), store=str(store_dir), dataset="demo",
-                                                    model=str(model_dir), device="cpu"))
+                                                    model=str(model_dir), device="cpu",
+                                                    gpu_limit=default_gpu_limit()))
     print_summary(summary)
     print(prefect_ui_hint())
 

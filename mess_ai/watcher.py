@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import watchfiles
 from watchfiles import Change
 
-from mess_ai.audio import AudioSource, audio_source_at, discover_audio
+from mess_ai.audio import AUDIO_EXTENSIONS, AudioSource, audio_source_at, discover_audio
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ BatchCallback = Callable[[Path, list[str]], None]
 @dataclass
 class _Pending:
     source: AudioSource
-    signature: Signature | None
+    signature: Signature
     changed_at: float
 
 
@@ -53,6 +53,7 @@ class StableBatcher:
             raise ValueError(f"stable_seconds ({stable_seconds}) and debounce_seconds ({debounce_seconds}) "
                              "must be >= 0")
         self.root = Path(os.path.abspath(root))
+        self._real_root = os.path.realpath(self.root)
         self.stable_seconds = stable_seconds
         self.debounce_seconds = debounce_seconds
         self.clock = clock
@@ -74,7 +75,7 @@ class StableBatcher:
             if not os.path.lexists(path):
                 self._forget(path)
             elif os.path.isdir(path) and not os.path.islink(path):
-                if change == Change.added:
+                if change == Change.added and _inside(os.path.realpath(path), self._real_root):
                     # A folder moved in brings its files without an event for each of them.
                     self._notice_folder(path)
             else:
@@ -83,10 +84,14 @@ class StableBatcher:
     def rescan(self) -> None:
         """Look at every audio file under the root: those not handed over with their current size and mtime
         wait for stability like new files."""
+        now = self.clock()
         for source in discover_audio(self.root):
+            if source.relative in self._pending:
+                continue
             signature = _signature(source.path)
             if signature is not None and self._handed_over.get(source.relative) != signature:
-                self._notice(source)
+                self._pending[source.relative] = _Pending(source, signature, now)
+                self._last_activity = now
 
     def poll(self) -> list[str]:
         """The relative paths of the next batch, sorted, or ``[]`` while it is not ready (or there is nothing)."""
@@ -98,9 +103,7 @@ class StableBatcher:
                 self.dropped["vanished"] += 1
                 log.debug("%s disappeared before it was complete", relative)
             elif signature != pending.signature:
-                if pending.signature is not None:
-                    pending.changed_at = self._last_activity = now
-                pending.signature = signature
+                pending.signature, pending.changed_at, self._last_activity = signature, now, now
         if not self._pending or now - self._last_activity < self.debounce_seconds:
             return []
         if any(now - p.changed_at < self.stable_seconds for p in self._pending.values()):
@@ -115,11 +118,14 @@ class StableBatcher:
             return
         now = self.clock()
         pending = self._pending.get(source.relative)
-        if pending is None:
-            self._pending[source.relative] = _Pending(source, None, now)
-        else:
+        if pending is not None:
             # An event counts as a change even when size and mtime look the same (coarse mtimes on FAT, SMB).
             pending.changed_at = now
+        else:
+            signature = _signature(source.path)
+            if signature is None:
+                return
+            self._pending[source.relative] = _Pending(source, signature, now)
         self._last_activity = now
 
     def _notice_folder(self, folder: str) -> None:
@@ -131,11 +137,18 @@ class StableBatcher:
     def _forget(self, path: str) -> None:
         """Drop a deleted file, or everything under a deleted folder, so a file put back is handed over again."""
         relative = os.path.relpath(os.path.abspath(path), self.root).replace(os.sep, "/")
-        for table in (self._pending, self._handed_over):
-            for key in [k for k in table if k == relative or k.startswith(relative + "/")]:
-                del table[key]
-                if table is self._pending:
-                    self.dropped["deleted"] += 1
+        if relative.lower().endswith(AUDIO_EXTENSIONS):
+            keys = [relative]
+        else:  # a folder, probably: going through every key is worth it only then
+            keys = [k for k in {**self._pending, **self._handed_over} if k.startswith(relative + "/")]
+        for key in keys:
+            if self._pending.pop(key, None) is not None:
+                self.dropped["deleted"] += 1
+            self._handed_over.pop(key, None)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or os.path.commonpath([folder, path]) == folder
 
 
 def _signature(path: Path) -> Signature | None:

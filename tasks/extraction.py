@@ -68,16 +68,20 @@ _local_slots_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def gpu_slot(name: str) -> Iterator[None]:
-    """One slot of the global limit ``name``. Chunks of this process first queue on a local lock, so they hand
-    the slot to each other at once instead of polling the server for it; other processes and machines still
-    share the slot through Prefect."""
+def gpu_slot(name: str | None) -> Iterator[None]:
+    """The model, for one chunk at a time. Chunks of this process queue on a local lock, so they hand the model
+    to each other at once; with a limit ``name``, they then take one of its slots, which other processes and
+    machines share through Prefect."""
     with _local_slots_guard:
-        local = _local_slots.setdefault(name, threading.Lock())
-    # A short lease: a run killed while holding the slot blocks the others for a minute, not Prefect's default
-    # five; a live holder renews its lease in the background.
-    with local, concurrency(name, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
-        yield
+        local = _local_slots.setdefault(name or "", threading.Lock())
+    with local:
+        if not name:
+            yield
+            return
+        # A short lease: a run killed while holding the slot blocks the others for a minute, not Prefect's
+        # default five; a live holder renews its lease in the background.
+        with concurrency(name, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+            yield
 
 
 @task(name="discover-files", cache_policy=NO_CACHE)
@@ -118,7 +122,7 @@ def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], gpu_lim
                        ) -> list[FileOutcome]:
     """Run a chunk's windows through the model holding one slot of the GPU limit, and write the features."""
     logger = get_run_logger()
-    slot = (lambda: gpu_slot(gpu_limit)) if gpu_limit else contextlib.nullcontext
+    slot = lambda: gpu_slot(gpu_limit)  # noqa: E731
     try:
         outcomes = session.extract(jobs, slot=slot)
     except BaseException:

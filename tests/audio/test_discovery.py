@@ -9,7 +9,7 @@ import unicodedata
 
 import pytest
 
-from mess_ai.audio import AUDIO_EXTENSIONS, discover_audio, make_track_id
+from mess_ai.audio import AUDIO_EXTENSIONS, audio_source_at, discover_audio, make_track_id
 from tests.helpers.audio import write_audio
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -101,6 +101,32 @@ def test_root_reached_through_a_symlink_still_accepts_links_inside_it(tmp_path):
     os.symlink(tmp_path / "real" / "song.wav", tmp_path / "real" / "alias.wav")
     os.symlink(tmp_path / "real", tmp_path / "via")
     assert _relatives(tmp_path / "via") == ["alias.wav", "song.wav"]
+
+
+def test_audio_source_at_agrees_with_the_walk_for_every_path_a_watcher_can_report(tmp_path):
+    outside, real = tmp_path / "outside", tmp_path / "real"
+    for name in ("secret.wav", "dir/deep.wav"):
+        (outside / name).parent.mkdir(parents=True, exist_ok=True)
+        (outside / name).write_bytes(b"x")
+    for name in ("song.wav", "a/B.FLAC", ".hidden.wav", "._song.wav", ".cache/x.wav", "notes.txt", "a/b/c.ogg"):
+        (real / name).parent.mkdir(parents=True, exist_ok=True)
+        (real / name).write_bytes(b"x")
+    os.symlink(outside / "secret.wav", real / "escape.wav")
+    os.symlink(outside / "dir", real / "linked_out")
+    os.symlink(real / "a", real / "alias")  # a watcher may report a/B.FLAC as alias/B.FLAC
+    os.symlink(real / "song.wav", real / "link_in.wav")
+    os.symlink(real, tmp_path / "via")
+    # Paths as watchers report them: under symlinked folders (inotify) and under the resolved root (macOS).
+    reported = [os.path.join(d, f) for top in (real, tmp_path / "via")
+                for d, _, files in os.walk(top, followlinks=True) for f in files]
+    for root in (real, tmp_path / "via"):
+        found = {s for p in reported if (s := audio_source_at(root, p)) is not None}
+        assert sorted(found, key=lambda s: s.relative) == discover_audio(root)
+        assert [s.relative for s in discover_audio(root)] == ["a/B.FLAC", "a/b/c.ogg", "link_in.wav", "song.wav"]
+    assert audio_source_at(real, real / "alias" / "B.FLAC").relative == "a/B.FLAC"
+    assert audio_source_at(real, real / "linked_out" / "deep.wav") is None
+    assert audio_source_at(real, real) is None
+    assert audio_source_at(real, real / "gone.wav") is None
 
 
 def test_missing_or_non_directory_root_is_refused_clearly(tmp_path):

@@ -1,0 +1,145 @@
+"""``mess-ai watch DIR``: one ``extract-features`` run for each burst of new recordings, once they are complete.
+
+By default each batch starts a flow run of a deployment on the Prefect server (``PREFECT_API_URL``), which a worker
+picks up; ``--local`` runs the flow in this process instead (no server or worker needed). Either way the run covers
+the whole folder and extracts only what is new or changed, so a recording the watcher missed is caught by the next
+run, or by the nightly one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from mess_ai.errors import MessError
+from mess_ai.watcher import watch_folder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPLOYMENT = "extract-features/on-new-audio"
+_NAMES_SHOWN = 3
+
+
+def watch(audio_dir: str | Path, *, deployment: str = DEFAULT_DEPLOYMENT, store: str | Path | None = None,
+          local: bool = False, parameters: dict[str, Any] | None = None, stable_seconds: float = 5.0,
+          debounce_seconds: float = 2.0, stop_event: threading.Event | None = None) -> None:
+    """Watch ``audio_dir`` until ``stop_event`` is set (or Ctrl-C) and start one extraction per batch.
+
+    ``store`` and ``parameters`` (other ``extract_features`` parameters: ``dataset``, ``model``, ``device``, ...)
+    override the deployment's defaults; with ``local`` the flow runs here and ``store`` is required. Raises
+    ``MessError`` when the deployment cannot be found on the server, before watching starts. A batch whose run
+    cannot be started or fails is logged and the watch goes on.
+    """
+    audio_dir = Path(audio_dir).absolute()
+    if local and store is None:
+        raise ValueError("a local watch extracts in this process and needs a store (--store)")
+    flow_parameters = {"audio_dir": str(audio_dir), **({"store": str(store)} if store is not None else {}),
+                       **(parameters or {})}
+    if local:
+        start: Callable[[dict[str, Any], str], None] = _extract_here
+        where = "in this process"
+    else:
+        _check_deployment(deployment)
+        start = functools.partial(_start_deployment_run, deployment)
+        where = f"as runs of the deployment {deployment}"
+
+    def on_batch(root: Path, relative_paths: list[str]) -> None:
+        what = describe_batch(relative_paths)
+        try:
+            start(flow_parameters, what)
+        except Exception as exc:  # noqa: BLE001 - the watch outlives one bad run; the next change retries
+            log.error("%s, but the extraction could not run: %s: %s. The next change in the folder, or the "
+                      "nightly run, picks these files up.", what, type(exc).__name__, exc)
+
+    log.info("Watching %s for new recordings: a file counts as complete after %g s without changes, and files "
+             "arriving within %g s of each other are extracted together, %s. Ctrl-C stops.",
+             audio_dir, stable_seconds, debounce_seconds, where)
+    watch_folder(audio_dir, on_batch, stable_seconds=stable_seconds, debounce_seconds=debounce_seconds,
+                 stop_event=stop_event)
+
+
+def describe_batch(relative_paths: list[str]) -> str:
+    """'3 new or changed recordings are complete (a.wav, b.wav, c.wav)', naming at most three files."""
+    count = len(relative_paths)
+    names = ", ".join(relative_paths[:_NAMES_SHOWN]) + (
+        f" and {count - _NAMES_SHOWN} more" if count > _NAMES_SHOWN else "")
+    return (f"1 new or changed recording is complete ({names})" if count == 1
+            else f"{count} new or changed recordings are complete ({names})")
+
+
+def _check_deployment(deployment: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise MessError("PREFECT_API_URL is not set: start a server (`make server`), deploy (`make deploy`) and "
+                        "set PREFECT_API_URL=http://127.0.0.1:4200/api, or watch with --local")
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(deployment)
+    except ObjectNotFound:
+        raise MessError(f"no deployment {deployment} on the Prefect server at {api}: run `make deploy` first") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many classes
+        raise MessError(f"cannot reach the Prefect server at {api}: {exc}") from exc
+
+
+def _start_deployment_run(deployment: str, parameters: dict[str, Any], what: str) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_UI_URL
+
+    # timeout=0: return once the run is created; a worker runs it, and the watch goes on meanwhile.
+    flow_run = run_deployment(name=deployment, parameters=parameters, timeout=0)
+    ui = PREFECT_UI_URL.value()
+    log.info("%s; started run '%s' of %s%s", what, flow_run.name, deployment,
+             f" ({ui}/runs/flow-run/{flow_run.id})" if ui else "")
+
+
+def _extract_here(parameters: dict[str, Any], what: str) -> None:
+    from flows.extract import extract_features
+
+    log.info("%s; extracting them in this process", what)
+    result = extract_features(**parameters)
+    log.info("Extraction finished: %d extracted, %d failed, %d unchanged.", result["done"], result["failed"],
+             result["unchanged"])
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from mess_ai.cli import _prepare_prefect
+
+    _prepare_prefect(args.verbose)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+    parameters = {name: getattr(args, name) for name in ("dataset", "model", "device")
+                  if getattr(args, name) is not None}
+    try:
+        watch(args.audio_dir, deployment=args.deployment, store=args.store, local=args.local, parameters=parameters,
+              stable_seconds=args.stable_seconds, debounce_seconds=args.debounce_seconds)
+    except KeyboardInterrupt:
+        log.info("Stopped watching %s.", args.audio_dir)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``watch`` to the ``mess-ai`` subcommands."""
+    p = subparsers.add_parser("watch", help="watch a folder and extract each burst of new recordings once complete")
+    p.add_argument("audio_dir", type=Path, help="folder people drop recordings into (watched recursively)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="feature store folder (default: the deployment's; required with --local)")
+    p.add_argument("--dataset", default=None, help="dataset inside the store (default: the folder name)")
+    p.add_argument("--model", default=None, help="hub id or local directory (default: the deployment's)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the deployment's)")
+    p.add_argument("--deployment", default=DEFAULT_DEPLOYMENT,
+                   help=f"deployment whose runs do the work (default {DEFAULT_DEPLOYMENT})")
+    p.add_argument("--local", action="store_true",
+                   help="extract in this process instead of starting deployment runs (no server or worker needed)")
+    p.add_argument("--stable-seconds", type=float, default=5.0,
+                   help="a file is complete once its size and mtime have not changed this long (default 5)")
+    p.add_argument("--debounce-seconds", type=float, default=2.0,
+                   help="wait this long after the last new file before starting a run (default 2)")
+    p.set_defaults(func=cmd_watch)
