@@ -103,9 +103,10 @@ def _start_deployment_run(deployment: str, parameters: dict[str, Any], what: str
 
 def _extract_here(parameters: dict[str, Any], what: str) -> None:
     from flows.extract import extract_features
+    from mess_ai.cli import default_gpu_limit
 
     log.info("%s; extracting them in this process", what)
-    result = extract_features(**parameters)
+    result = extract_features(**{"gpu_limit": default_gpu_limit(), **parameters})
     log.info("Extraction finished: %d extracted, %d failed, %d unchanged.", result["done"], result["failed"],
              result["unchanged"])
 
