@@ -17,7 +17,10 @@ export MESS_AI_STORE    ?= $(CURDIR)/data/store
 export MESS_AI_MODEL    ?= m-a-p/MERT-v1-95M
 export MESS_AI_TIMEZONE ?= UTC
 export MESS_AI_CODE_DIR ?= $(CURDIR)
+export MESS_AI_MANIFEST_URL ?=
 POOL ?= mess-ai-process
+# Flow runs a worker takes at once: a GPU host should not grab every shard of a scaled-out run.
+WORKER_LIMIT ?= 2
 
 install: $(VENV)/.installed
 
@@ -53,7 +56,7 @@ deploy: install
 	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
 
 worker: install
-	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL)
+	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL) --limit $(WORKER_LIMIT)
 
 # Or, on one machine without a worker: every deployment served from one process.
 serve: install

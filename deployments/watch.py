@@ -26,13 +26,15 @@ _NAMES_SHOWN = 3
 
 def watch(audio_dir: str | Path, *, deployment: str = DEFAULT_DEPLOYMENT, store: str | Path | None = None,
           local: bool = False, parameters: dict[str, Any] | None = None, stable_seconds: float = 5.0,
-          debounce_seconds: float = 2.0, stop_event: threading.Event | None = None) -> None:
+          debounce_seconds: float = 2.0, rescan_seconds: float | None = None,
+          stop_event: threading.Event | None = None) -> None:
     """Watch ``audio_dir`` until ``stop_event`` is set (or Ctrl-C) and start one extraction per batch.
 
     ``store`` and ``parameters`` (other ``extract_features`` parameters: ``dataset``, ``model``, ``device``, ...)
     override the deployment's defaults; with ``local`` the flow runs here and ``store`` is required. Raises
     ``MessError`` when the deployment cannot be found on the server, before watching starts. A batch whose run
-    cannot be started or fails is logged and the watch goes on.
+    cannot be started or fails is logged and the watch goes on. ``rescan_seconds``: also look at the whole folder
+    this often (network shares may send no change events).
     """
     audio_dir = Path(audio_dir).absolute()
     if local and store is None:
@@ -59,7 +61,7 @@ def watch(audio_dir: str | Path, *, deployment: str = DEFAULT_DEPLOYMENT, store:
              "arriving within %g s of each other are extracted together, %s. Ctrl-C stops.",
              audio_dir, stable_seconds, debounce_seconds, where)
     watch_folder(audio_dir, on_batch, stable_seconds=stable_seconds, debounce_seconds=debounce_seconds,
-                 stop_event=stop_event)
+                 rescan_seconds=rescan_seconds, stop_event=stop_event)
 
 
 def describe_batch(relative_paths: list[str]) -> str:
@@ -120,7 +122,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                   if getattr(args, name) is not None}
     try:
         watch(args.audio_dir, deployment=args.deployment, store=args.store, local=args.local, parameters=parameters,
-              stable_seconds=args.stable_seconds, debounce_seconds=args.debounce_seconds)
+              stable_seconds=args.stable_seconds, debounce_seconds=args.debounce_seconds,
+              rescan_seconds=args.rescan_seconds)
     except KeyboardInterrupt:
         log.info("Stopped watching %s.", args.audio_dir)
     return 0
@@ -141,6 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="extract in this process instead of starting deployment runs (no server or worker needed)")
     p.add_argument("--stable-seconds", type=float, default=5.0,
                    help="a file is complete once its size and mtime have not changed this long (default 5)")
+    p.add_argument("--rescan-seconds", type=float, default=None,
+                   help="also rescan the whole folder this often (for network shares without change events)")
     p.add_argument("--debounce-seconds", type=float, default=2.0,
                    help="wait this long after the last new file before starting a run (default 2)")
     p.set_defaults(func=cmd_watch)

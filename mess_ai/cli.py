@@ -61,8 +61,10 @@ class _Progress:
 
 def _extract_config(args: argparse.Namespace):
     from mess_ai.audio import WindowSpec
+    from mess_ai.features.model import DEFAULT_MODEL
     from mess_ai.pipeline import ExtractConfig
 
+    args.model = args.model or DEFAULT_MODEL
     return ExtractConfig(model=args.model, revision=args.revision, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, keep_raw=args.keep_raw,
                          window=WindowSpec(args.window_seconds, args.hop_seconds, args.min_duration),
@@ -181,11 +183,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    """Re-run the failed files of a dataset; the audio folder is read back from the manifest."""
+    """Re-run the failed files of a dataset; the audio folder and the model are read back from the store."""
     audio_dir = args.audio_dir or _audio_dir_of_failures(args)
     if audio_dir is None:
         print("no failed files: nothing to retry")
         return EXIT_OK
+    if args.model is None and args.dataset:
+        provenance = Path(args.store) / args.dataset / "provenance.json"
+        if provenance.exists():
+            args.model = json.loads(provenance.read_text(encoding="utf-8")).get("model")
     return _run_extract_flow(args, audio_dir, only_failed=True)
 
 
@@ -283,7 +289,8 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     from mess_ai.features.model import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"hub id or local directory (default {DEFAULT_MODEL}; retry-failed: the dataset's model)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -314,7 +321,7 @@ def _register_deployment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _prepare_prefect(args.verbose)
+    _prepare_prefect(verbose=True)  # served runs send their INFO lines to the UI
     from deployments.serve import serve_all
 
     serve_all(args.names)

@@ -28,11 +28,11 @@ def summary_table(summary: RunSummary, new_files: int) -> list[dict[str, Any]]:
         ("done", summary.done),
         ("failed", summary.failed),
         ("failed before, unchanged (not retried)", summary.previously_failed),
+        ("store problems", len(summary.integrity_problems)),
         ("audio extracted (hours)", round(hours, 4)),
         ("wall time (s)", round(summary.wall_seconds, 2)),
         ("real-time factor (audio s per wall s)", round(rtf, 1) if rtf else "n/a"),
         ("model loaded", "yes" if summary.model_loaded else "no (nothing new)"),
-        ("store problems", len(summary.integrity_problems)),
     ]
     return [{"measure": name, "value": value} for name, value in rows]
 

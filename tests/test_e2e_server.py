@@ -29,7 +29,8 @@ def test_deploy_worker_manual_run_and_nightly_schedule(tmp_path, tiny_model):
     write_not_audio(incoming / "c.wav")
     with prefect_server(tmp_path / "prefect") as (api_url, env):
         env.update(MESS_AI_INCOMING=str(incoming), MESS_AI_STORE=str(store), MESS_AI_MODEL=tiny_model,
-                   MESS_AI_TIMEZONE="Europe/Berlin", MESS_AI_CODE_DIR=str(REPO_ROOT))
+                   MESS_AI_TIMEZONE="Europe/Berlin", MESS_AI_CODE_DIR=str(REPO_ROOT),
+                   MESS_AI_MANIFEST_URL="")
         prefect_cli(env, "work-pool", "create", "mess-ai-process", "--type", "process")
         prefect_cli(env, "deploy", "--all")
         worker = start([PREFECT, "worker", "start", "--pool", "mess-ai-process"], env, tmp_path / "worker.log")
