@@ -68,6 +68,7 @@ watch: install
 
 # Scale-out check (not in CI): PostgreSQL from Debian packages, two workers, one folder.
 e2e-scale: install
+	$(BIN)/pip install --quiet -e '.[dev,postgres]'
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m e2e_scale tests/test_scale_out.py $(PYTEST_ARGS)
 
 clean:

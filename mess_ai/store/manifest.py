@@ -9,6 +9,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -41,8 +42,9 @@ tracks = Table(
     Column("track_id", String(200), primary_key=True),
     Column("source_path", Text, nullable=False),
     Column("relative_path", Text, nullable=False),
-    Column("size", Integer),
-    Column("mtime_ns", Integer),
+    # 64-bit: nanosecond mtimes and files over 2 GiB overflow PostgreSQL's 32-bit INTEGER.
+    Column("size", BigInteger),
+    Column("mtime_ns", BigInteger),
     Column("sha256", String(64)),
     Column("config_key", String(64)),
     Column("status", String(16), nullable=False),
