@@ -53,6 +53,9 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
     if in_rate != target_sample_rate:
         resampler = soxr.ResampleStream(in_rate, target_sample_rate, 1, dtype="float32", quality="HQ")
     block_frames = max(1, int(block_seconds * in_rate))
+    # Downmix as a matrix-vector product: numpy's mean over the short channel axis is a strided reduction,
+    # about 18x slower, and was the costliest step of decoding (see docs/benchmarks.md, overhead).
+    weights = np.full(audio.channels, 1.0 / audio.channels, dtype=np.float32)
     # Integer ceiling of frames * out / in, exact however long the file.
     expected = -(-max(audio.frames, 0) * target_sample_rate // in_rate) + _LENGTH_MARGIN
     out = np.empty(expected, dtype=np.float32)
@@ -65,7 +68,7 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
             raise AudioError(path, f"cannot decode the audio near {frames_read / in_rate:.1f} s "
                                    f"({_libsndfile_message(err)})", _STAGE) from err
         last = len(block) == 0
-        mono = block.mean(axis=1, dtype=np.float32)
+        mono = block @ weights
         # Frees the multichannel block before the resampler allocates its output: one less block at the peak.
         del block
         if not last:
