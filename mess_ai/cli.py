@@ -78,7 +78,8 @@ def print_summary(summary: Any, out: Any = None) -> None:
     p(f"mess-ai: {summary.discovered} audio files in {summary.audio_dir} -> store {summary.store}, "
       f"dataset '{summary.dataset}'")
     p(f"  extracted: {summary.done}   unchanged (skipped): {summary.unchanged}   failed: {summary.failed}"
-      + (f"   failed before, unchanged: {summary.previously_failed}" if summary.previously_failed else ""))
+      + (f"   failed before, unchanged: {summary.previously_failed}" if summary.previously_failed else "")
+      + (f"   left to a concurrent run: {summary.busy}" if summary.busy else ""))
     if summary.done:
         p(f"  audio extracted: {_format_seconds(summary.audio_seconds)} in {_format_seconds(summary.wall_seconds)}"
           + (f" ({rtf:.1f}x real time)" if rtf else ""))

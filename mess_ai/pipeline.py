@@ -66,7 +66,7 @@ class ExtractConfig:
 class FileOutcome:
     track_id: str
     relative_path: str
-    status: str  # done | failed | unchanged | previously_failed
+    status: str  # done | failed | unchanged | previously_failed | busy (left to a concurrent run)
     stage: str | None = None
     error_class: str | None = None
     reason: str | None = None
@@ -86,6 +86,7 @@ class RunSummary:
     previously_failed: int = 0
     done: int = 0
     failed: int = 0
+    busy: int = 0
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     model_loaded: bool = False
@@ -275,6 +276,7 @@ class ExtractionSession:
                 audio_dir=str(audio_dir), store=str(self.store.root), dataset=self.store.dataset,
                 discovered=self.discovered, unchanged=count("unchanged"),
                 previously_failed=count("previously_failed"), done=count("done"), failed=count("failed"),
+                busy=count("busy"),
                 audio_seconds=sum(o.duration_seconds or 0.0 for o in outcomes if o.status == "done"),
                 wall_seconds=wall_seconds, model_loaded=self._model is not None,
                 stage_seconds=dict(self.stage_seconds), stage_files=dict(self.stage_files),
@@ -417,24 +419,21 @@ class ExtractionSession:
     def preprocess(self, sources: list[AudioSource]) -> Iterator[TrackJob]:
         """Decode, resample and window each source, holding its lock until ``extract`` writes it.
 
-        Tracks another run holds are waited for after the others; if that run finished them they are skipped.
-        Needs the model's sampling rate, so it loads the model (once per process) when there is a source.
+        A track another run holds right now is left to that run (outcome ``busy``): waiting for it while holding
+        tracks of our own could deadlock two runs over the same files. Needs the model's sampling rate, so it
+        loads the model (once per process) when there is a source.
         """
         if not sources:
             return
         model = self.model()
-        deferred = []
         for source in sources:
             lock = self._lock_track(source, wait=False)
             if lock is None:
-                deferred.append(source)
+                log.info("%s is being extracted by another run right now: leaving it to that run.", source.relative)
+                self._record(FileOutcome(source.track_id, source.relative, "busy",
+                                         reason="another run is extracting it right now"))
                 continue
             job = self._preprocess_one(source, lock, model.sampling_rate)
-            if job is not None:
-                yield job
-        for source in deferred:
-            log.info("Waiting for another run to finish %s", source.relative)
-            job = self._preprocess_one(source, self._lock_track(source, wait=True), model.sampling_rate)
             if job is not None:
                 yield job
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -262,22 +261,21 @@ def test_missing_folder_raises(tmp_path, tiny_model):
         run_extraction(tmp_path / "nowhere", tmp_path / "store", config=config(tiny_model))
 
 
-def test_locked_track_waits_for_the_other_run(tmp_path, tiny_model):
+def test_a_track_another_run_holds_is_left_to_it(tmp_path, tiny_model):
     audio = tmp_path / "audio"
-    write_audio(audio / "t.wav", seconds=3.0)
+    write_audio(audio / "held.wav", seconds=3.0)
+    write_audio(audio / "free.wav", seconds=3.0, frequency=300)
     fs = FeatureStore(tmp_path / "store", "audio")
-    source = discover_audio(audio)[0]
-    lock = fs.lock(source.track_id)
-    lock.acquire()
-    result = {}
-    worker = threading.Thread(target=lambda: result.setdefault(
-        "summary", run_extraction(audio, tmp_path / "store", config=config(tiny_model))))
-    worker.start()
-    time.sleep(1.0)
-    assert "summary" not in result  # waiting for our lock
+    held = [s for s in discover_audio(audio) if s.relative == "held.wav"][0]
+    lock = fs.lock(held.track_id)
+    lock.acquire()  # as another run would
+    summary = run_extraction(audio, tmp_path / "store", config=config(tiny_model))
+    outcomes = {o.relative_path: o.status for o in summary.outcomes}
+    assert outcomes == {"held.wav": "busy", "free.wav": "done"}
+    assert summary.busy == 1 and summary.exit_code == 0
     lock.release()
-    worker.join(timeout=60)
-    assert result["summary"].done == 1
+    again = run_extraction(audio, tmp_path / "store", config=config(tiny_model))
+    assert {o.relative_path: o.status for o in again.outcomes} == {"held.wav": "done", "free.wav": "unchanged"}
     fs.close()
 
 

@@ -30,12 +30,11 @@ def load_mono(path: str | Path, target_sample_rate: int, *, block_seconds: float
         raise ValueError(f"target_sample_rate must be positive, got {target_sample_rate}")
     if block_seconds <= 0:
         raise ValueError(f"block_seconds must be positive, got {block_seconds}")
-    try:
-        # libsndfile reports every OS failure as "System error"; opening it here first keeps the OS's own words.
-        with open(path, "rb"):
-            pass
-    except OSError as err:
-        raise AudioError(path, f"cannot read the file ({err.strerror})", _STAGE) from err
+    # libsndfile reports every OS failure as "System error"; opening the file here first raises the OS's own
+    # error. It stays an OSError, not an AudioError: a file gone or a network mount failing says nothing about
+    # the bytes, so the attempt is recorded as transient and retried.
+    with open(path, "rb"):
+        pass
     try:
         with sf.SoundFile(os.fspath(path)) as audio:
             signal = _decode(path, audio, target_sample_rate, block_seconds)

@@ -88,6 +88,10 @@ def atomic_npy_memmap(path: str | Path, shape: tuple[int, ...], dtype: np.dtype 
     """
     with atomic_target(path) as temp:
         array = np.lib.format.open_memmap(temp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        # The map's file is sparse: on a full disk a page write would kill the process (SIGBUS). Reserving the
+        # blocks first turns that into an ENOSPC here, which the run records.
+        with open(temp, "rb+") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
         try:
             yield array
             array.flush()

@@ -1,0 +1,224 @@
+"""Two runs at once on one store, and a source file replaced while it is being extracted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import mess_ai.pipeline
+from mess_ai.audio import discover_audio
+from mess_ai.pipeline import ExtractConfig, ExtractionSession, run_extraction
+from mess_ai.store import FeatureStore, load_npy
+from mess_ai.store.keys import sha256_file
+from tests.helpers import extract_process
+from tests.helpers.audio import write_audio
+from tests.helpers.store_checks import assert_complete, rows
+
+
+def test_two_runs_at_once_on_one_store(tmp_path, tiny_model, figures):
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    for i in range(10):
+        write_audio(audio / f"t{i}.wav", seconds=8.0, sample_rate=44100, seed=i)
+    # Batch size 1: each track is finished before the next is pulled. With larger batches the two runs can
+    # deadlock (see test_two_sessions_preparing_the_same_files_never_wait_forever).
+    procs = [extract_process.start(audio, store, tiny_model, batch_size=1) for _ in range(2)]
+    summaries = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("the two runs did not finish in 300 s") from None
+        assert proc.returncode == 0, err[-3000:]
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+
+    done = [{o["track_id"] for o in s["outcomes"] if o["status"] == "done"} for s in summaries]
+    everything = {s.track_id for s in discover_audio(audio)}
+    assert not done[0] & done[1], "a file was extracted by both runs"
+    assert done[0] | done[1] == everything
+    for summary, mine in zip(summaries, done):
+        # Each run reports every file exactly once: extracted by itself, or found finished by the other.
+        assert sorted(o["track_id"] for o in summary["outcomes"]) == sorted(everything)
+        # a file the other run held was left to it (busy), or found done (unchanged)
+        assert {o["track_id"] for o in summary["outcomes"] if o["status"] in ("unchanged", "busy")} \
+            == everything - mine
+        assert summary["failed"] == 0 and summary["integrity_problems"] == []
+    assert all(r["attempts"] == 1 for r in rows(store, "audio").values())
+    assert_complete(store, "audio", audio)
+    figures({"files": len(everything), "extracted_by_each_run": [len(d) for d in done],
+             "wall_s": [round(s["wall_seconds"], 1) for s in summaries]})
+
+
+def test_two_sessions_preparing_the_same_files_never_wait_forever(tmp_path, tiny_model):
+    audio = tmp_path / "audio"
+    for i in range(2):
+        write_audio(audio / f"t{i}.wav", seconds=3.0, seed=i)
+    config = ExtractConfig(model=tiny_model, device="cpu")
+    sessions = [ExtractionSession(tmp_path / "store", "audio", config) for _ in range(2)]
+    a, b = (s.validate(s.plan(s.discover(audio))) for s in sessions)
+    # As two flow runs prepare one chunk each (preprocess_files: the whole chunk before extraction):
+    # run A has prepared t0 when run B starts; B finds t0 busy, puts it off and prepares t1.
+    prepared = [sessions[0].preprocess(a), sessions[1].preprocess(b)]
+    first = [next(prepared[0]), next(prepared[1])]
+    results: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda k=k: results.setdefault(k, list(prepared[k])), daemon=True)
+               for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 8.0  # preparing one 3 s file takes well under a second
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [thread.is_alive() for thread in threads]
+    if any(stuck):  # break the deadlock so the threads end: give back what was prepared
+        for k in (0, 1):
+            sessions[k].abandon(first[k])
+            threads[1 - k].join(timeout=20)
+            for job in results.get(1 - k, []):
+                sessions[1 - k].abandon(job)
+    for session in sessions:
+        session.close()
+    assert not any(stuck), "the two runs wait for each other forever"
+
+
+# --- a source file replaced while it is being extracted -------------------------------------------------------
+
+def _features(tmp_path, tiny_model, name, data, sample_rate):
+    """Segments of one recording extracted on its own: what features of exactly these bytes look like."""
+    folder = tmp_path / f"reference-{len(list(tmp_path.glob('reference-*')))}"
+    write_audio(folder / "audio" / name, data=data, sample_rate=sample_rate)
+    summary = run_extraction(folder / "audio", folder / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    return load_npy(folder / "store" / "audio" / "segments" / f"{summary.outcomes[0].track_id}.npy")
+
+
+def _versions(seconds=6.0, sample_rate=24000):
+    rng = np.random.default_rng(0)
+    old = (0.3 * rng.standard_normal((int(seconds * sample_rate), 1))).astype(np.float32)
+    new = (0.3 * np.sin(np.linspace(0, 2000, len(old)))[:, None]).astype(np.float32)
+    return old, new
+
+
+def _replace(path, data, sample_rate, keep_stat):
+    """Put new bytes at ``path`` the way a copy tool does (a temporary file renamed over it); with ``keep_stat``
+    the new file also gets the old size (same length and format) and the old mtime (``cp -p``, ``rsync -t``)."""
+    before = path.stat()
+    temporary = path.with_name(".incoming-" + path.name)
+    write_audio(temporary, data=data, sample_rate=sample_rate)
+    if keep_stat:
+        assert temporary.stat().st_size == before.st_size
+        os.utime(temporary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(temporary, path)
+
+
+def _extract_replacing(monkeypatch, tmp_path, tiny_model, when, keep_stat):
+    """Extract ``song.wav`` while it is replaced before or after it is decoded; returns what each version's
+    features are, the stored features and the manifest row."""
+    old, new = _versions()
+    audio = tmp_path / "audio"
+    path = write_audio(audio / "song.wav", data=old, sample_rate=24000)
+    sha = {"old": sha256_file(path)}
+    real_load = mess_ai.pipeline.load_mono
+
+    def load_and_replace(source_path, rate, **kwargs):
+        # The pipeline has hashed the file (its manifest row has the old bytes' sha256) and now decodes it.
+        if when == "before decoding":
+            _replace(path, new, 24000, keep_stat)
+        signal = real_load(source_path, rate, **kwargs)
+        if when == "after decoding":
+            _replace(path, new, 24000, keep_stat)
+        return signal
+
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_and_replace)
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    monkeypatch.undo()
+    assert summary.done == 1
+    track_id = summary.outcomes[0].track_id
+    stored = load_npy(tmp_path / "store" / "audio" / "segments" / f"{track_id}.npy")
+    reference = {"old": _features(tmp_path, tiny_model, "song.wav", old, 24000),
+                 "new": _features(tmp_path, tiny_model, "song.wav", new, 24000)}
+    row = rows(tmp_path / "store", "audio")[track_id]
+    sha["new"] = sha256_file(path)
+    return audio, path, stored, reference, row, sha
+
+
+def _came_from(stored, reference):
+    matches = [name for name, features in reference.items() if np.allclose(stored, features, atol=1e-5)]
+    assert len(matches) == 1, "the stored features match neither version (or both)"
+    return matches[0]
+
+
+@pytest.mark.parametrize("when", ["before decoding", "after decoding"])
+def test_replaced_file_row_describes_the_features_or_next_run_reextracts(monkeypatch, tmp_path, tiny_model, when):
+    audio, path, stored, reference, row, sha = _extract_replacing(monkeypatch, tmp_path, tiny_model, when,
+                                                                  keep_stat=False)
+    source = _came_from(stored, reference)
+    assert source == ("new" if when == "before decoding" else "old")
+    assert row["sha256"] == sha["old"]  # hashed before the replacement
+    # The row says "old bytes". When the features came from the new ones, or the file now holds new bytes,
+    # the next run must extract again, and then the row and the features agree with the file.
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    assert (summary.done, summary.unchanged) == (1, 0)
+    track_id = summary.outcomes[0].track_id
+    final = load_npy(tmp_path / "store" / "audio" / "segments" / f"{track_id}.npy")
+    assert _came_from(final, reference) == "new"
+    assert rows(tmp_path / "store", "audio")[track_id]["sha256"] == sha["new"]
+    assert_complete(tmp_path / "store", "audio", audio)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: a replacement that keeps the size and the mtime (cp -p, rsync -t of an edit of equal length) between "
+    "the hash and the decode leaves a row whose sha256 is of the old bytes next to features of the new ones, and "
+    "the next run trusts (size, mtime) and keeps them: nothing re-checks the file after decoding"))
+def test_replaced_keeping_size_and_mtime_is_caught(monkeypatch, tmp_path, tiny_model):
+    audio, path, stored, reference, row, sha = _extract_replacing(monkeypatch, tmp_path, tiny_model,
+                                                                  "before decoding", keep_stat=True)
+    came_from = _came_from(stored, reference)
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    final_row = rows(tmp_path / "store", "audio")[summary.outcomes[0].track_id]
+    # Either the first run recorded the bytes its features came from, or the next run extracts again.
+    assert sha[came_from] == row["sha256"] or summary.done == 1
+    assert final_row["sha256"] == sha["new"]
+
+
+def _extract_while_one_file_vanishes(monkeypatch, tmp_path, tiny_model):
+    """Extract two files; one is moved away after it was hashed, before it is decoded. Returns the summary."""
+    audio = tmp_path / "audio"
+    write_audio(audio / "stays.wav", seconds=3.0)
+    write_audio(audio / "vanishes.wav", seconds=3.0, frequency=300)
+    real_load = mess_ai.pipeline.load_mono
+
+    def load(source_path, rate, **kwargs):
+        if source_path.name == "vanishes.wav":
+            shutil.move(source_path, tmp_path / "parked.wav")
+        return real_load(source_path, rate, **kwargs)
+
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load)
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    monkeypatch.undo()
+    return summary
+
+
+def test_file_vanishing_mid_run_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path, tiny_model):
+    summary = _extract_while_one_file_vanishes(monkeypatch, tmp_path, tiny_model)
+    outcomes = {o.relative_path: o for o in summary.outcomes}
+    assert outcomes["stays.wav"].status == "done"
+    assert outcomes["vanishes.wav"].status == "failed" and "No such file" in outcomes["vanishes.wav"].reason
+    assert summary.integrity_problems == []
+    fs = FeatureStore(tmp_path / "store", "audio")
+    assert not fs.path("segments", outcomes["vanishes.wav"].track_id).exists()
+    fs.close()
+
+
+def test_file_back_after_vanishing_is_extracted(monkeypatch, tmp_path, tiny_model):
+    _extract_while_one_file_vanishes(monkeypatch, tmp_path, tiny_model)
+    shutil.move(tmp_path / "parked.wav", tmp_path / "audio" / "vanishes.wav")
+    summary = run_extraction(tmp_path / "audio", tmp_path / "store",
+                             config=ExtractConfig(model=tiny_model, device="cpu"))
+    assert {o.relative_path: o.status for o in summary.outcomes} == {"stays.wav": "unchanged", "vanishes.wav": "done"}
