@@ -92,8 +92,12 @@ class ClaimedTrackLock:
         self.file_lock.release()
 
     def held_elsewhere(self) -> bool:
-        return self.file_lock.held_elsewhere() or self.manifest.claimed_by_other(self.dataset, self.track_id,
-                                                                                 self.owner)
+        """A live process of this host holds the file lock, or another host holds an unexpired claim (a claim of
+        this host with the file lock free was left by a killed process)."""
+        if self.file_lock.held_elsewhere():
+            return True
+        host = self.owner.split(":", 1)[0] + ":"
+        return self.manifest.claimed_by_other(self.dataset, self.track_id, self.owner, ignore_prefix=host)
 
     def __enter__(self) -> "ClaimedTrackLock":
         self.acquire()

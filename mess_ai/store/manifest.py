@@ -206,11 +206,12 @@ class Manifest:
             conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
                                                claims.c.owner == owner))
 
-    def claimed_by_other(self, dataset: str, track_id: str, owner: str) -> bool:
+    def claimed_by_other(self, dataset: str, track_id: str, owner: str, ignore_prefix: str | None = None) -> bool:
+        """An unexpired claim by another owner (owners starting with ``ignore_prefix`` do not count)."""
         with self.engine.connect() as conn:
             row = conn.execute(select(claims.c.owner, claims.c.expires_at).where(
                 claims.c.dataset == dataset, claims.c.track_id == track_id)).first()
-        if row is None or row.owner == owner:
+        if row is None or row.owner == owner or (ignore_prefix and row.owner.startswith(ignore_prefix)):
             return False
         expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.timezone.utc)
         return expires > _now()
