@@ -14,6 +14,7 @@ prepare_environment()  # before anything imports Prefect
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["error"] = traceback.format_exc()
                 failed.append(name)
             result["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+            result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
             print(format_result(result), flush=True)
     finally:

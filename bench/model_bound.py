@@ -95,11 +95,13 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
         "one warm-up forward. The bare loop runs half its batches before the flow and half after.",
         "The flow's time is its whole call: flow and task runs, discovery, hashing, decoding, resampling, "
         "windowing, the model, pooling, writes, the manifest, the integrity check and the run's artifacts.",
-        "Judged: the lower of two ratios that other processes on a shared machine barely move: the CPU time this "
-        "process spent on the bare loop over the CPU time it spent on the flow (any extra work the flow does), and "
-        "the share of the flow's wall time spent in the model call (any waiting it does). The wall-clock ratio is "
-        "shown beside them; it moves with whatever else runs during the flow or the bare loop. The Prefect API "
-        "runs in its own process, so its CPU time is in neither.",
+        "Judged: the lower of two ratios steadier than the wall clock on a shared machine: the CPU time this "
+        "process spent on the bare loop over the CPU time it spent on the flow (extra work the flow does), and the "
+        "share of the flow's wall time spent in the model call (waiting it does; measured within the flow run, so "
+        "a change of machine speed between the flow and the bare loop cannot move it). The wall-clock ratio is "
+        "shown beside them and moves with whatever else runs meanwhile; under heavy outside load the CPU time "
+        "moves too (torch's threads spin while waiting for each other). The Prefect API runs in its own process, "
+        "so its CPU time is in neither.",
     ]
     result["details"] = {"audio_seconds": audio_seconds, "windows": len(windows), "batch_size": batch_size,
                          "hop_seconds": HOP_SECONDS, "flow_seconds": flow_seconds, "bare_seconds": bare_seconds,

@@ -61,7 +61,8 @@ def render(results: list[dict[str, Any]]) -> str:
            "Written by `make bench` (`python -m bench`; one benchmark: `python -m bench NAME`) from "
            "`bench/results/*.json`. Do not edit by hand: the next run rewrites this file.", "",
            "Each benchmark measures its figures side by side in one run. The machine may be shared: a load average "
-           "above its core count at a benchmark's start means other work was running and its times are inflated.",
+           "near or above its core count during a benchmark means other work was running, which inflates its "
+           "times and can favour either side of a comparison.",
            ""]
     machines = {_machine_line(r["machine"]) for r in results}
     dates = sorted(r["date"] for r in results)
@@ -76,10 +77,11 @@ def render(results: list[dict[str, Any]]) -> str:
             out.append(f"| {r['benchmark']} | {t['target']} | {t['measured']} | {_met(t['met'])} | {t['why']} |")
     out.append("")
     for r in results:
-        load = ", ".join(str(x) for x in r.get("load_average_at_start", [])) or "n/a"
+        start, end = (", ".join(str(x) for x in r.get(key, [])) or "n/a"
+                      for key in ("load_average_at_start", "load_average_at_end"))
         out += [f"## {r['benchmark']}", "",
-                f"Measured {r['date']} in {r.get('benchmark_seconds', 0):.0f} s; load average at its start (1, 5, "
-                f"15 min): {load}.", ""]
+                f"Measured {r['date']} in {r.get('benchmark_seconds', 0):.0f} s; load average (1, 5, 15 min) at its "
+                f"start: {start}; at its end: {end}.", ""]
         if r["figures"]:
             out += ["| figure | value | unit |", "|---|---|---|"]
             out += [f"| {f['label']} | {_value(f['value'], f['unit'])} | {f['unit']} |" for f in r["figures"]]
