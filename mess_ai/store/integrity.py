@@ -91,12 +91,18 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
                 report.problems.append(Problem(dataset, track_id, str(raw_path), f"raw: {reason}"))
 
     for scale, path in store.feature_files():
-        if path.stem not in done and not store.lock(path.stem).held_elsewhere():
-            status = rows[path.stem]["status"] if path.stem in rows else "no manifest row"
-            report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
+        if path.stem in done or store.lock(path.stem).held_elsewhere():
+            continue
+        # The rows were read before the files were listed: a run may have finished this track since (written its
+        # files, marked it done, released its lock). Its row now, read after the lock was seen free, is the truth.
+        row = store.manifest.get(dataset, path.stem)
+        if row is not None and row["status"] == DONE:
+            continue
+        status = row["status"] if row is not None else "no manifest row"
+        report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
     for temp in store.temp_files():
-        if store.temp_in_use(temp):
-            continue  # a run is writing it right now
+        if store.temp_in_use(temp) or not temp.exists():
+            continue  # a run is writing it right now, or has just renamed it into place
         report.problems.append(Problem(dataset, None, str(temp), "temporary file left by an interrupted write"))
 
 

@@ -6,6 +6,7 @@ SQLAlchemy Core over a SQLite file in the store by default; any SQLAlchemy URL (
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -24,7 +25,7 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.engine import Engine
 
 from mess_ai.errors import StoreError
@@ -99,6 +100,19 @@ def _make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _create_tables(engine: Engine, attempts: int = 5) -> None:
+    """Create the tables that do not exist yet. Several runs may open a new store at the same moment: each sees
+    no table, and all but one then fail on CREATE TABLE ("already exists"). Trying again sees the tables."""
+    for attempt in range(1, attempts + 1):
+        try:
+            metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * attempt)
+
+
 class Manifest:
     """Read and update the rows of one store's manifest."""
 
@@ -106,7 +120,7 @@ class Manifest:
         self.url = url
         try:
             self.engine = _make_engine(url)
-            metadata.create_all(self.engine)
+            _create_tables(self.engine)
         except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
             raise StoreError(f"cannot open the manifest at {url}: {exc}") from exc
 

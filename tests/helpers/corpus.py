@@ -153,7 +153,7 @@ def build_corpus(base: str | Path, long_seconds: float = LONG_SECONDS) -> dict[s
         "names/$(touch pwned); rm -rf ~.wav": "shell metacharacters",
         "names/'); DROP TABLE tracks;--.wav": "SQL in the name",
         "names/new\nline.wav": "newline in the name",
-        "names/" + "long" * 60 + ".wav": "245-byte name",
+        "names/" + "long" * 60 + ".wav": "a 244-byte name",
     }
     for i, (rel, kind) in enumerate(hostile.items()):
         done(rel, kind, 2.0, seconds=2.0, frequency=300 + 20 * i)

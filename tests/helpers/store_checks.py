@@ -14,6 +14,14 @@ from mess_ai.store.keys import sha256_file
 TEMP_PROBLEM = "temporary file left by an interrupted write"
 
 
+def left_by_an_interrupted_run(problem) -> bool:
+    """What ``check`` may find right after a kill, and the next run clears: a temporary file, or a finished
+    feature file of a track whose row is pending (its run was killed before marking it done, or while it was
+    re-extracting a changed file). Nothing reads either: readers go by the done rows."""
+    return problem.reason == TEMP_PROBLEM or (problem.reason.startswith("orphan ")
+                                               and problem.reason.endswith(" file (pending)"))
+
+
 def temp_files(store: str | Path) -> list[Path]:
     return sorted(p for p in Path(store).rglob(f"*{TEMP_MARKER}*") if p.is_file())
 
@@ -32,41 +40,43 @@ def assert_no_partial_files(store: str | Path) -> int:
     return len(files)
 
 
-def rows(store: str | Path, dataset: str) -> dict[str, dict]:
-    fs = FeatureStore(store, dataset)
+def rows(store: str | Path, dataset: str, manifest_url: str | None = None) -> dict[str, dict]:
+    fs = FeatureStore(store, dataset, manifest_url)
     try:
         return fs.manifest.rows_by_track(dataset)
     finally:
         fs.close()
 
 
-def assert_consistent_after_crash(store: str | Path, dataset: str, audio: str | Path) -> dict[str, int]:
+def assert_consistent_after_crash(store: str | Path, dataset: str, audio: str | Path,
+                                  manifest_url: str | None = None) -> dict[str, int]:
     """The store as a killed or crashed run may leave it: no partial feature file, every manifest row names a
-    discovered file and is done (with valid files), failed or pending, and ``check`` finds nothing but temporary
-    files (which the next run sweeps). Returns the number of rows per status."""
+    discovered file and is done (with valid files), failed or pending, and ``check`` finds nothing but what an
+    interrupted run leaves (``left_by_an_interrupted_run``). Returns the number of rows per status."""
     assert_no_partial_files(store)
     sources = {s.track_id: s for s in discover_audio(audio)}
-    found = rows(store, dataset)
+    found = rows(store, dataset, manifest_url)
     assert set(found) <= set(sources), f"rows for files that are not there: {set(found) - set(sources)}"
     counts = {DONE: 0, FAILED: 0, PENDING: 0}
     for track_id, row in found.items():
         assert row["status"] in counts, row
         counts[row["status"]] += 1
         assert row["relative_path"] == sources[track_id].relative
-    report = check_store(store, dataset)
-    unexpected = [p for p in report.problems if p.reason != TEMP_PROBLEM]
+    report = check_store(store, dataset, manifest_url)
+    unexpected = [p for p in report.problems if not left_by_an_interrupted_run(p)]
     assert not unexpected, unexpected
     return counts
 
 
-def assert_complete(store: str | Path, dataset: str, audio: str | Path, keep_raw: bool = False) -> None:
+def assert_complete(store: str | Path, dataset: str, audio: str | Path, keep_raw: bool = False,
+                    manifest_url: str | None = None) -> None:
     """Every discovered file is done, from its current bytes, with exactly one file per scale; ``check`` is clean
     and no temporary file is left."""
-    report = check_store(store, dataset)
+    report = check_store(store, dataset, manifest_url)
     assert report.ok, report.problems
     assert not temp_files(store), temp_files(store)
     sources = {s.track_id: s for s in discover_audio(audio)}
-    found = rows(store, dataset)
+    found = rows(store, dataset, manifest_url)
     assert set(found) == set(sources), set(found) ^ set(sources)
     for track_id, row in found.items():
         assert row["status"] == DONE, row

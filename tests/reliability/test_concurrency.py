@@ -14,9 +14,11 @@ import pytest
 
 import mess_ai.pipeline
 from mess_ai.audio import discover_audio
+from mess_ai.errors import StoreError
 from mess_ai.pipeline import ExtractConfig, ExtractionSession, run_extraction
-from mess_ai.store import FeatureStore, load_npy
+from mess_ai.store import FeatureStore, Manifest, load_npy
 from mess_ai.store.keys import sha256_file
+from mess_ai.store.manifest import sqlite_url
 from tests.helpers import extract_process
 from tests.helpers.audio import write_audio
 from tests.helpers.store_checks import assert_complete, rows
@@ -26,9 +28,11 @@ def test_two_runs_at_once_on_one_store(tmp_path, tiny_model, figures):
     audio, store = tmp_path / "audio", tmp_path / "store"
     for i in range(10):
         write_audio(audio / f"t{i}.wav", seconds=8.0, sample_rate=44100, seed=i)
-    # Batch size 1: each track is finished before the next is pulled. With larger batches the two runs can
-    # deadlock (see test_two_sessions_preparing_the_same_files_never_wait_forever).
-    procs = [extract_process.start(audio, store, tiny_model, batch_size=1) for _ in range(2)]
+    # Created first: a new store opened by two runs at once races (test_a_new_store_opened_by_several_runs_at_once).
+    FeatureStore(store, "audio").close()
+    # Batch size 2 and 3 windows per file: a file's last window waits for the next file's first, so each run
+    # holds a track while it looks at the next one (what once deadlocked two runs).
+    procs = [extract_process.start(audio, store, tiny_model, batch_size=2) for _ in range(2)]
     summaries = []
     for proc in procs:
         try:
@@ -45,27 +49,29 @@ def test_two_runs_at_once_on_one_store(tmp_path, tiny_model, figures):
     assert not done[0] & done[1], "a file was extracted by both runs"
     assert done[0] | done[1] == everything
     for summary, mine in zip(summaries, done):
-        # Each run reports every file exactly once: extracted by itself, or found finished by the other.
+        # Each run reports every file exactly once: extracted by itself, found finished by the other run
+        # (unchanged), or left to the other run while that one held it (busy).
         assert sorted(o["track_id"] for o in summary["outcomes"]) == sorted(everything)
-        # a file the other run held was left to it (busy), or found done (unchanged)
         assert {o["track_id"] for o in summary["outcomes"] if o["status"] in ("unchanged", "busy")} \
             == everything - mine
         assert summary["failed"] == 0 and summary["integrity_problems"] == []
     assert all(r["attempts"] == 1 for r in rows(store, "audio").values())
     assert_complete(store, "audio", audio)
     figures({"files": len(everything), "extracted_by_each_run": [len(d) for d in done],
+             "left_busy_by_each_run": [s["busy"] for s in summaries],
              "wall_s": [round(s["wall_seconds"], 1) for s in summaries]})
 
 
-def test_two_sessions_preparing_the_same_files_never_wait_forever(tmp_path, tiny_model):
+def test_two_sessions_preparing_the_same_files_never_wait_for_each_other(tmp_path, tiny_model):
+    """The interleaving that deadlocked two flow runs: A has prepared t0 when B starts; B finds t0 busy and
+    prepares t1; then A comes to t1. A run must never wait for a track while it holds one of its own."""
     audio = tmp_path / "audio"
     for i in range(2):
         write_audio(audio / f"t{i}.wav", seconds=3.0, seed=i)
     config = ExtractConfig(model=tiny_model, device="cpu")
     sessions = [ExtractionSession(tmp_path / "store", "audio", config) for _ in range(2)]
     a, b = (s.validate(s.plan(s.discover(audio))) for s in sessions)
-    # As two flow runs prepare one chunk each (preprocess_files: the whole chunk before extraction):
-    # run A has prepared t0 when run B starts; B finds t0 busy, puts it off and prepares t1.
+    # As the flow prepares a chunk (preprocess_files: the whole chunk before extraction).
     prepared = [sessions[0].preprocess(a), sessions[1].preprocess(b)]
     first = [next(prepared[0]), next(prepared[1])]
     results: dict[int, list] = {}
@@ -83,9 +89,39 @@ def test_two_sessions_preparing_the_same_files_never_wait_forever(tmp_path, tiny
             threads[1 - k].join(timeout=20)
             for job in results.get(1 - k, []):
                 sessions[1 - k].abandon(job)
+        for session in sessions:
+            session.close()
+    assert not any(stuck), "the two runs wait for each other forever"
+
+    done = [{o.track_id for o in session.extract([first[k], *results[k]]) if o.status == "done"}
+            for k, session in enumerate(sessions)]
+    busy = [{o.track_id for o in session.outcomes.values() if o.status == "busy"} for session in sessions]
     for session in sessions:
         session.close()
-    assert not any(stuck), "the two runs wait for each other forever"
+    assert not done[0] & done[1] and len(done[0] | done[1]) == 2
+    assert busy == [done[1], done[0]]  # each left to the other the track the other held
+    assert_complete(tmp_path / "store", "audio", audio)
+
+
+def test_a_new_store_opened_by_several_runs_at_once(tmp_path):
+    for trial in range(10):
+        url = sqlite_url(str(tmp_path / f"manifest-{trial}.sqlite"))
+        start = threading.Barrier(4)
+        errors = []
+
+        def open_manifest():
+            start.wait()
+            try:
+                Manifest(url).close()
+            except StoreError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_manifest) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, f"trial {trial}: {errors[0]}"
 
 
 # --- a source file replaced while it is being extracted -------------------------------------------------------
@@ -210,6 +246,7 @@ def test_file_vanishing_mid_run_is_recorded_and_the_run_goes_on(monkeypatch, tmp
     outcomes = {o.relative_path: o for o in summary.outcomes}
     assert outcomes["stays.wav"].status == "done"
     assert outcomes["vanishes.wav"].status == "failed" and "No such file" in outcomes["vanishes.wav"].reason
+    assert outcomes["vanishes.wav"].permanent is False  # nothing is known to be wrong with the bytes: retried
     assert summary.integrity_problems == []
     fs = FeatureStore(tmp_path / "store", "audio")
     assert not fs.path("segments", outcomes["vanishes.wav"].track_id).exists()

@@ -50,7 +50,14 @@ def _flow_run_states(api_url):
         return sorted(run.state.name for run in client.read_flow_runs() if run.state is not None)
 
 
-@pytest.mark.parametrize("gpu_limit", ["", "gpu"])
+GPU_SLOT_LEAKS = pytest.mark.xfail(strict=True, reason=(
+    "bug: the run held the `gpu` concurrency slot when the server died. Prefect keeps slot leases in the server's "
+    "memory (lease_storage ...memory) but active_slots in its database, so after the restart the slot is taken "
+    "by a lease that no longer exists and never expires: every later run waits for it forever (the 60 s lease "
+    "docs/operations.md promises holds only while the server stays up)"))
+
+
+@pytest.mark.parametrize("gpu_limit", ["", pytest.param("gpu", marks=GPU_SLOT_LEAKS)])
 def test_server_killed_mid_run_loses_nothing(tmp_path, tiny_model, gpu_limit, figures):
     audio, store, home = tmp_path / "audio", tmp_path / "store", tmp_path / "prefect"
     for i in range(12):
@@ -59,7 +66,11 @@ def test_server_killed_mid_run_loses_nothing(tmp_path, tiny_model, gpu_limit, fi
     try:
         run = _extract(audio, store, tiny_model, env, gpu_limit)
         deadline = time.monotonic() + 300
-        while not (store.exists() and any(r["status"] == DONE for r in rows(store, "audio").values())):
+        # The file system first: opening the manifest while the run creates it could race with it.
+        while not ((store / "audio" / "segments").is_dir() and any((store / "audio" / "segments").iterdir())):
+            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()[-3000:]
+            time.sleep(0.1)
+        while not any(r["status"] == DONE for r in rows(store, "audio").values()):
             assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()[-3000:]
             time.sleep(0.1)
         os.killpg(server.pid, signal.SIGKILL)
@@ -81,7 +92,13 @@ def test_server_killed_mid_run_loses_nothing(tmp_path, tiny_model, gpu_limit, fi
     try:
         started = time.monotonic()
         rerun = _extract(audio, store, tiny_model, env, gpu_limit)
-        rerun_output, _ = rerun.communicate(timeout=900)
+        try:
+            # The files left take about a minute; a GPU slot held by a killed run frees itself within 60 s.
+            rerun_output, _ = rerun.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            rerun.kill()
+            rerun_output, _ = rerun.communicate()
+            pytest.fail(f"the re-run did not finish in 300 s:\n{rerun_output[-3000:]}")
         rerun_seconds = time.monotonic() - started
         assert rerun.returncode == 0, rerun_output[-3000:]
         states = _flow_run_states(api_url)

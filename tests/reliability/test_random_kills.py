@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mess_ai.audio import discover_audio
-from mess_ai.store import DONE, FeatureStore
+from mess_ai.store import DONE, FeatureStore, check_store
 from mess_ai.store.keys import sha256_file
 from tests.helpers import extract_process
 from tests.helpers.audio import write_audio
@@ -55,12 +55,21 @@ def _rerun(runner, audio, store, model, api_url, timeout):
     return json.loads(out[out.index("{"):])
 
 
-def _wait_for_first_write(store, proc, timeout):
+def _feature_files_now(store):
+    """{path: mtime} of every feature and temporary file of the raw and segments scales."""
+    folders = [store / DATASET / scale for scale in ("raw", "segments")]
+    return {p: p.stat().st_mtime_ns for folder in folders if folder.is_dir() for p in folder.iterdir()}
+
+
+def _wait_for_first_write(store, proc, before, timeout):
+    """Until the run writes a feature file (a new or rewritten one, or a temporary one), or ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        scales = [store / DATASET / scale for scale in ("raw", "segments")]
-        if any(folder.is_dir() and any(folder.iterdir()) for folder in scales):
-            return
+        try:
+            if any(before.get(path) != mtime for path, mtime in _feature_files_now(store).items()):
+                return
+        except FileNotFoundError:  # a temporary file renamed while we looked
+            pass
         time.sleep(0.02)
 
 
@@ -116,15 +125,16 @@ def kill_cycles(tmp_path, model, kills, *, files, seconds, seed, api_url=None, r
         runner = "flow" if api_url and n % 2 else "process"
         work = files - len(_settled(store, audio)) if store.exists() else files
         before = rows(store, DATASET) if store.exists() else {}
+        files_before = _feature_files_now(store)
         # Half the kills come at a random moment of the whole run, start-up included; the other half at a random
-        # moment after the first feature file appears, so that many land on model work and writes.
+        # moment within a file's work after the run's first write, so that they land on model work and writes.
         anchor = ("first write", "start", "start", "first write")[n % 4]
         proc = (_cli(audio, store, model, api_url) if runner == "flow"
                 else extract_process.start(audio, store, model, keep_raw=True, batch_size=2))
         started = time.monotonic()
         if anchor == "first write":
-            _wait_for_first_write(store, proc, timeout=rerun_timeout)
-            delay = float(rng.uniform(0.0, per_file[runner] * work))
+            _wait_for_first_write(store, proc, files_before, timeout=rerun_timeout)
+            delay = float(rng.uniform(0.0, per_file[runner]))  # within about one file's work
         else:
             delay = float(rng.uniform(0.0, startup[runner] + per_file[runner] * work))
         try:
@@ -166,6 +176,34 @@ def _fit(timings, startup, per_file):
         return (max(0.5, seconds - per_file * done), per_file) if done else (seconds, per_file)
     slope, intercept = np.polyfit(*zip(*timings), 1)
     return max(0.5, float(intercept)), max(0.2, float(slope))
+
+
+_KILLED_WRITER = """
+import sys, time
+from mess_ai.store import FeatureStore
+from mess_ai.store.atomic import atomic_target
+store = FeatureStore(sys.argv[1], "audio")
+lock = store.lock("t0-000000000000")
+lock.acquire()
+with atomic_target(store.path("raw", "t0-000000000000")) as temporary:
+    temporary.write_bytes(b"the first half of a file")
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_check_right_after_a_kill_reports_what_the_killed_run_left(tmp_path):
+    """While a run writes, its temporary file is no problem; once the run is killed, it is one. (The killed
+    process's claim in the manifest must not make the file look in use until the next run takes it over.)"""
+    store = tmp_path / "store"
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(store)], cwd=extract_process.REPO,
+                              env=extract_process.environment(), stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    assert check_store(store, DATASET).ok
+    writer.kill()
+    writer.wait()
+    assert [p.reason for p in check_store(store, DATASET).problems] == [
+        "temporary file left by an interrupted write"]
 
 
 def _figures(cycles):

@@ -65,7 +65,8 @@ def unsafe_loads(source: str) -> list[str]:
                 found.append(f"{line}: {owner}.load without allow_pickle=False")
             if name == "load" and owner == "torch" and constant("weights_only") is not True:
                 found.append(f"{line}: torch.load without weights_only=True")
-            if name == "load" and owner == "yaml" and "Safe" not in ast.unparse(keywords.get("Loader", ast.Constant(""))):
+            loader = ast.unparse(keywords.get("Loader", ast.Constant("")))
+            if name == "load" and owner == "yaml" and "Safe" not in loader:
                 found.append(f"{line}: yaml.load without SafeLoader")
             for key in ("allow_pickle", "trust_remote_code", "persist_result"):
                 if key in keywords and constant(key) is True:

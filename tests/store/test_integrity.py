@@ -1,0 +1,47 @@
+"""``check`` while another run works on the store: what that run finishes meanwhile is no problem."""
+
+from __future__ import annotations
+
+from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.store import DONE, FeatureStore
+from mess_ai.store.integrity import IntegrityReport, check_dataset
+from tests.helpers.audio import write_audio
+
+
+def test_track_finished_by_another_run_during_check_is_no_orphan(tmp_path, tiny_model):
+    audio, store_root = tmp_path / "audio", tmp_path / "store"
+    write_audio(audio / "t0.wav", seconds=6.0)
+    summary = run_extraction(audio, store_root, config=ExtractConfig(model=tiny_model, device="cpu"))
+    track_id = summary.outcomes[0].track_id
+    store = FeatureStore(store_root, "audio")
+    try:
+        row = store.manifest.get("audio", track_id)
+        # Another run is re-extracting the track: its row is pending when check reads the rows...
+        store.manifest.begin_attempt("audio", track_id, source_path=row["source_path"],
+                                     relative_path=row["relative_path"], size=row["size"],
+                                     mtime_ns=row["mtime_ns"], sha256=row["sha256"], config_key=row["config_key"])
+        listed = store.feature_files
+
+        def finish_then_list():
+            # ...and it has written the files, marked the track done and released its lock when check lists them.
+            store.manifest.mark_done("audio", track_id, duration_seconds=row["duration_seconds"],
+                                     n_windows=row["n_windows"], seconds_spent=1.0)
+            yield from listed()
+
+        store.feature_files = finish_then_list
+        report = IntegrityReport()
+        check_dataset(store, report)
+        assert report.problems == []
+        assert store.manifest.get("audio", track_id)["status"] == DONE
+
+        # A feature file whose row really is pending, with nobody holding the track, is still reported.
+        store.manifest.begin_attempt("audio", track_id, source_path=row["source_path"],
+                                     relative_path=row["relative_path"], size=row["size"],
+                                     mtime_ns=row["mtime_ns"], sha256=row["sha256"], config_key=row["config_key"])
+        store.feature_files = listed
+        report = IntegrityReport()
+        check_dataset(store, report)
+        assert sorted(p.reason for p in report.problems) == [
+            "orphan aggregated file (pending)", "orphan segments file (pending)"]
+    finally:
+        store.close()
