@@ -46,8 +46,12 @@ soak: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak tests/reliability $(PYTEST_ARGS)
 
 # A Prefect server on SQLite (in ~/.prefect unless PREFECT_HOME says otherwise), UI at http://$(HOST):$(PORT).
+# Concurrency leases (the `gpu` limit's slots) are kept on disk, not in the server's memory: a slot held when the
+# server dies is then expired after a restart instead of staying taken forever (docs/reliability.md).
+SERVER_ENV = PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem
 server: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host $(HOST) --port $(PORT)
+	$(SERVER_ENV) $(BIN)/prefect server start --host $(HOST) --port $(PORT)
 
 # Every deployment of prefect.yaml on a process work pool (run `make worker` to execute them).
 deploy: install

@@ -19,6 +19,7 @@ from prefect.deployments import run_deployment
 from mess_ai.features.model import DEFAULT_MODEL
 from mess_ai.pipeline import ExtractConfig, ExtractionSession
 from mess_ai.store import DONE, FAILED
+from mess_ai.store.manifest import path_text
 
 
 def split_into_shards(paths: list[str], sizes: dict[str, int], shards: int) -> list[list[str]]:
@@ -77,7 +78,8 @@ def extract_sharded(
         session.close()
     result = {
         "shards": len(parts), "files": len(pending),
-        "done": sum(rows.get(p) == DONE for p in sizes), "failed": sum(rows.get(p) == FAILED for p in sizes),
+        "done": sum(rows.get(path_text(p)) == DONE for p in sizes),
+        "failed": sum(rows.get(path_text(p)) == FAILED for p in sizes),
         "child_runs": {str(run.id): state for run, state in zip(runs, states)},
     }
     logger.info("Shards finished: %d done, %d failed of %d files.", result["done"], result["failed"], len(pending))

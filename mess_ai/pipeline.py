@@ -141,6 +141,27 @@ class _Track:
     duration_seconds: float = 0.0
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     raw: Any = None
+    released: bool = False
+    stat: Any = None  # the file's os.stat_result when it was hashed
+
+    def release(self) -> None:
+        """Close what is open and give the track back to other runs; once, whatever fails on the way."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.resources.close()  # an unfinished raw file: its temporary file is removed
+        finally:
+            self.lock.release()
+
+
+_DECODE_TRIES = 3
+
+
+def _identity(stat: Any) -> tuple[int, ...]:
+    """What changes whenever a file's bytes may have: a new inode (replaced by a rename), a new size, mtime or
+    change time (ctime cannot be set back by a copy tool)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def _versions() -> dict[str, str]:
@@ -366,7 +387,7 @@ class ExtractionSession:
         row = self.store.manifest.get(self.store.dataset, source.track_id)
         hash_error = None
         try:
-            stat = source.path.stat()
+            stat = source.path.stat()  # before hashing: a change during the hash shows after decoding
             sha: str | None = self._content_hash(source, row)
         except OSError as exc:
             stat, sha, hash_error = None, None, exc
@@ -376,18 +397,20 @@ class ExtractionSession:
             config_key=self.key)
         for temp in self.store.temp_files(source.track_id):
             temp.unlink(missing_ok=True)  # left by a killed run; we hold the lock now
-        return _Track(source, lock, attempts, time.perf_counter()), hash_error
+        return _Track(source, lock, attempts, time.perf_counter(), stat=stat), hash_error
 
     def _fail(self, track: _Track, stage: str, exc: BaseException) -> None:
         permanent = isinstance(exc, InputError)
         reason = exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)
         seconds = time.perf_counter() - track.started
-        track.resources.close()
-        self.store.remove_outputs(track.source.track_id)
-        self.store.manifest.mark_failed(self.store.dataset, track.source.track_id, stage=stage,
-                                        error_class=type(exc).__name__, message=reason, permanent=permanent,
-                                        seconds_spent=seconds, duration_seconds=track.duration_seconds or None)
-        track.lock.release()
+        try:
+            track.resources.close()
+            self.store.remove_outputs(track.source.track_id)
+            self.store.manifest.mark_failed(self.store.dataset, track.source.track_id, stage=stage,
+                                            error_class=type(exc).__name__, message=reason, permanent=permanent,
+                                            seconds_spent=seconds, duration_seconds=track.duration_seconds or None)
+        finally:
+            track.release()  # even when the manifest cannot be written: the run stops, the lock must not stay
         log.warning("%s failed at %s: %s (attempt %d%s)", track.source.relative, stage, reason, track.attempts,
                     "" if permanent else ", will be retried")
         self._record(FileOutcome(track.source.track_id, track.source.relative, "failed", stage,
@@ -398,6 +421,10 @@ class ExtractionSession:
         """Header checks; files that fail are recorded (an attempt each) and left out of the result.
 
         The durations the headers give are kept in ``durations`` (for chunking by audio length)."""
+        if sources:
+            # The model first: a checkpoint that cannot be used stops the run before any file is touched (no
+            # failed row for a bad file of a run that could not have extracted the good ones either).
+            self.model()
         valid = []
         with self._stage("validate", files=len(sources)):
             for source in sources:
@@ -450,7 +477,7 @@ class ExtractionSession:
             return None
         started = time.perf_counter()
         try:
-            signal = load_mono(source.path, sampling_rate)
+            signal = self._decode_unchanged(track, sampling_rate)
             track.duration_seconds = len(signal) / sampling_rate
             bounds = window_bounds(len(signal), sampling_rate, self.config.window)
         except InputError as exc:
@@ -469,11 +496,27 @@ class ExtractionSession:
                 self.stage_audio_seconds["preprocess"] += track.duration_seconds
         return TrackJob(source.track_id, signal, bounds, context=track)
 
+    def _decode_unchanged(self, track: _Track, sampling_rate: int) -> np.ndarray:
+        """Decode the file, making sure the bytes decoded are the bytes hashed: a file replaced meanwhile (even
+        keeping its size and mtime, as ``cp -p`` does: the inode's change time still moves) is hashed and
+        decoded again, so the manifest's sha256 always describes the features."""
+        source = track.source
+        for _ in range(_DECODE_TRIES):
+            signal = load_mono(source.path, sampling_rate)
+            now = source.path.stat()
+            if _identity(now) == _identity(track.stat):
+                return signal
+            log.info("%s changed while it was read: reading it again.", source.relative)
+            sha = sha256_file(source.path)
+            track.stat = now
+            self.store.manifest.update_content(self.store.dataset, source.track_id, size=now.st_size,
+                                               mtime_ns=now.st_mtime_ns, sha256=sha)
+        raise OSError(f"{source.path} kept changing while it was read ({_DECODE_TRIES} tries): it is tried again "
+                      "on the next run")
+
     def abandon(self, job: TrackJob) -> None:
         """Release a prepared track that will not be extracted (its row stays pending: redone next run)."""
-        track: _Track = job.context
-        track.resources.close()
-        track.lock.release()
+        job.context.release()
 
     # --- extract, write -----------------------------------------------------------------------------------------
     def model(self) -> LoadedModel:
@@ -498,17 +541,33 @@ class ExtractionSession:
         """
         self.model()
         outcomes = []
-        with slot():
-            started_wall = time.time()
-            before = self._extractor.stats.model_seconds
-            try:
-                with self.monitor.stage("extract") if self.monitor else contextlib.nullcontext():
-                    for job in self._extractor.run(jobs, on_raw=self._on_raw if self.config.keep_raw else None):
-                        outcomes.append(self._finish(job))
-            finally:
-                with self._lock:
-                    self.model_work.append((started_wall, time.time()))
-                    self.stage_seconds["extract"] += self._extractor.stats.model_seconds - before
+        taken: list[TrackJob] = []
+
+        def take() -> Iterator[TrackJob]:
+            for job in jobs:
+                taken.append(job)
+                yield job
+
+        try:
+            with slot():
+                started_wall = time.time()
+                before = self._extractor.stats.model_seconds
+                try:
+                    with self.monitor.stage("extract") if self.monitor else contextlib.nullcontext():
+                        on_raw = self._on_raw if self.config.keep_raw else None
+                        for job in self._extractor.run(take(), on_raw=on_raw):
+                            outcomes.append(self._finish(job))
+                finally:
+                    with self._lock:
+                        self.model_work.append((started_wall, time.time()))
+                        self.stage_seconds["extract"] += self._extractor.stats.model_seconds - before
+        finally:
+            # Stopped by an error (the manifest cannot be written, ...) or closed early: tracks in hand and those
+            # prepared ahead are given back (their rows stay pending: the next run redoes them).
+            if hasattr(jobs, "close"):
+                jobs.close()
+            for job in [*taken, *(jobs if isinstance(jobs, (list, tuple)) else ())]:
+                job.context.release()
         with self._lock:
             self.stage_files["extract"] += len(outcomes)
             self.stage_audio_seconds["extract"] += sum(o.duration_seconds or 0.0 for o in outcomes)
@@ -541,9 +600,12 @@ class ExtractionSession:
             self._fail(track, "write", exc)
             return self.outcomes[job.track_id]
         seconds = time.perf_counter() - track.started
-        self.store.manifest.mark_done(self.store.dataset, job.track_id, duration_seconds=track.duration_seconds,
-                                      n_windows=job.n_windows, seconds_spent=seconds)
-        track.lock.release()
+        try:
+            self.store.manifest.mark_done(self.store.dataset, job.track_id,
+                                          duration_seconds=track.duration_seconds, n_windows=job.n_windows,
+                                          seconds_spent=seconds)
+        finally:
+            track.release()
         outcome = FileOutcome(job.track_id, track.source.relative, "done", attempts=track.attempts,
                               duration_seconds=track.duration_seconds, seconds=seconds)
         self._record(outcome)

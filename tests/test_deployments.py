@@ -47,3 +47,19 @@ def test_shards_balance_bytes():
     assert split_into_shards(["a"], {"a": 1}, 3) == [["a"]]
     with pytest.raises(ValueError, match="0"):
         split_into_shards(["a"], {}, 0)
+
+
+def test_make_server_and_the_test_servers_share_their_settings():
+    """`make server` starts Prefect with the settings the tests' servers use (leases on disk, no analytics)."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.helpers.prefect_server import SERVER_SETTINGS
+
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    dry = subprocess.run(["make", "-n", "server"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")})
+    (start,) = [line for line in dry.stdout.splitlines() if "server start" in line]
+    assert all(f"{name}={value}" in start for name, value in SERVER_SETTINGS.items()), start

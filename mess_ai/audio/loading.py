@@ -36,7 +36,8 @@ def load_mono(path: str | Path, target_sample_rate: int, *, block_seconds: float
     with open(path, "rb"):
         pass
     try:
-        with sf.SoundFile(os.fspath(path)) as audio:
+        # A bytes path: soundfile encodes a str path strictly, so a name that is not UTF-8 could not be opened.
+        with sf.SoundFile(os.fsencode(path)) as audio:
             signal = _decode(path, audio, target_sample_rate, block_seconds)
     except sf.SoundFileError as err:
         raise AudioError(path, f"cannot decode the audio ({_libsndfile_message(err)})", _STAGE) from err

@@ -42,7 +42,7 @@ def probe_audio(path: str | Path, min_duration_seconds: float = 1.0) -> AudioInf
     if file_stat.st_size == 0:
         raise AudioError(path, "empty file (0 bytes)", _STAGE)
     try:
-        info = sf.info(os.fspath(path))
+        info = sf.info(os.fsencode(path))  # bytes: a name that is not UTF-8 opens too
     except sf.SoundFileError as err:
         raise AudioError(path, f"not an audio file libsndfile can decode ({_libsndfile_message(err)})",
                          _STAGE) from err

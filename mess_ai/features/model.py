@@ -214,6 +214,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, revision: str | None = None, d
         model = _load_mert(source_dir, config, name_or_path, revision)
     else:
         model = _load_auto(source_dir, trust_remote_code)
+    _check_takes_raw_audio(model, source_dir)
     model = model.float().to(target).eval().requires_grad_(False)
     logger.info("Loaded model %s from %s on %s in %.1f s.", name_or_path, source_dir, target,
                 time.perf_counter() - started)
@@ -527,6 +528,19 @@ def _load_auto(source_dir: Path, trust_remote_code: bool) -> torch.nn.Module:
     except (OSError, ValueError) as exc:
         raise UnsupportedCheckpointError(f"{source_dir}: transformers cannot load this model "
                                          f"({_first_line(exc)}).") from None
+
+
+def _check_takes_raw_audio(model: torch.nn.Module, source_dir: Path) -> None:
+    """Refuse a model that does not take a raw waveform and give hidden states of a known size (a text or image
+    model that AutoModel can build would otherwise fail on every file, or describe the wrong model)."""
+    input_name = getattr(model, "main_input_name", None)
+    config = getattr(model, "config", None)
+    if input_name != "input_values" or not hasattr(config, "num_hidden_layers") or not hasattr(config,
+                                                                                               "hidden_size"):
+        kind = type(model).__name__
+        raise UnsupportedCheckpointError(
+            f"{source_dir}: {kind} is not an audio model that takes a raw waveform (its input is "
+            f"{input_name!r}, not 'input_values'); mess-ai extracts MERT-style hidden states from audio.")
 
 
 def _random_mert_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:

@@ -104,6 +104,8 @@ class FeatureStore:
         lock.acquire(blocking=True)
         try:
             atomic_write_json(self.provenance_path, provenance)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.provenance_path}: {exc.strerror or exc}") from exc
         finally:
             lock.release()
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mess_ai.errors import TrackBusyError
+from mess_ai.errors import StoreError, TrackBusyError
 
 if TYPE_CHECKING:
     from mess_ai.store.manifest import Manifest
@@ -28,8 +28,11 @@ class TrackLock:
 
     def acquire(self, blocking: bool = False) -> None:
         """Take the lock; raises TrackBusyError when another process holds it (unless ``blocking``)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,10 +89,14 @@ class ClaimedTrackLock:
         self._claimed = True
 
     def release(self) -> None:
-        if self._claimed:
-            self.manifest.release_claim(self.dataset, self.track_id, self.owner)
-            self._claimed = False
-        self.file_lock.release()
+        """Release the claim, then the file lock, even when the manifest cannot be written (the claim then
+        expires, or is taken over at once by a process of this host: the file lock is free)."""
+        try:
+            if self._claimed:
+                self._claimed = False
+                self.manifest.release_claim(self.dataset, self.track_id, self.owner)
+        finally:
+            self.file_lock.release()
 
     def held_elsewhere(self) -> bool:
         """A live process of this host holds the file lock, or another host holds an unexpired claim (a claim of

@@ -6,8 +6,9 @@ SQLAlchemy Core over a SQLite file in the store by default; any SQLAlchemy URL (
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -26,9 +27,11 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from mess_ai.errors import StoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DONE = "done"
 FAILED = "failed"
@@ -113,8 +116,37 @@ def _create_tables(engine: Engine, attempts: int = 5) -> None:
             time.sleep(0.05 * attempt)
 
 
+def path_text(path: str) -> str:
+    """A path as the manifest stores it: valid Unicode text. A file name that is not UTF-8 comes from the OS with
+    surrogate escapes, which databases refuse: its odd bytes are written as ``\\xff``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _shown(url: str) -> str:
+    """The URL as logs may show it: without a password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: shown as given
+        return url
+
+
+def _database_errors(action: str) -> Callable[[F], F]:
+    """Turn a driver error (disk full, database gone, locked for too long) into a ``StoreError`` that names the
+    manifest and says what could not be done, so the CLI and the flows report it in one line."""
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: "Manifest", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except DBAPIError as exc:
+                reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
+                raise StoreError(f"cannot {action} the manifest at {_shown(self.url)}: {reason}") from exc
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
 class Manifest:
-    """Read and update the rows of one store's manifest."""
+    """Read and update the rows of one store's manifest. A database error surfaces as a ``StoreError``."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -122,11 +154,12 @@ class Manifest:
             self.engine = _make_engine(url)
             _create_tables(self.engine)
         except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
-            raise StoreError(f"cannot open the manifest at {url}: {exc}") from exc
+            raise StoreError(f"cannot open the manifest at {_shown(url)}: {exc}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
 
+    @_database_errors("read")
     def get(self, dataset: str, track_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -134,6 +167,7 @@ class Manifest:
             ).mappings().first()
         return dict(row) if row else None
 
+    @_database_errors("read")
     def rows(self, dataset: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         query = select(tracks).order_by(tracks.c.dataset, tracks.c.relative_path)
         if dataset is not None:
@@ -146,6 +180,7 @@ class Manifest:
     def rows_by_track(self, dataset: str) -> dict[str, dict[str, Any]]:
         return {r["track_id"]: r for r in self.rows(dataset)}
 
+    @_database_errors("write")
     def begin_attempt(self, dataset: str, track_id: str, *, source_path: str, relative_path: str,
                       size: int | None, mtime_ns: int | None, sha256: str | None, config_key: str) -> int:
         """Mark a file as being attempted; returns the attempt number for these bytes and this config.
@@ -157,7 +192,8 @@ class Manifest:
             row = conn.execute(
                 select(tracks).where(tracks.c.dataset == dataset, tracks.c.track_id == track_id)
             ).mappings().first()
-            values = dict(source_path=source_path, relative_path=relative_path, size=size, mtime_ns=mtime_ns,
+            values = dict(source_path=path_text(source_path), relative_path=path_text(relative_path),
+                          size=size, mtime_ns=mtime_ns,
                           sha256=sha256, config_key=config_key, status=PENDING, last_attempt_at=now)
             if row is None:
                 attempts = 1
@@ -175,6 +211,10 @@ class Manifest:
                 )
         return attempts
 
+    def update_content(self, dataset: str, track_id: str, *, size: int, mtime_ns: int, sha256: str) -> None:
+        """Describe new bytes of a file being attempted (it changed while it was read); attempts unchanged."""
+        self._update(dataset, track_id, size=size, mtime_ns=mtime_ns, sha256=sha256)
+
     def mark_done(self, dataset: str, track_id: str, *, duration_seconds: float, n_windows: int,
                   seconds_spent: float) -> None:
         self._update(dataset, track_id, status=DONE, failure_stage=None, error_class=None, error_message=None,
@@ -184,9 +224,10 @@ class Manifest:
     def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
                     permanent: bool, seconds_spent: float, duration_seconds: float | None = None) -> None:
         self._update(dataset, track_id, status=FAILED, failure_stage=stage, error_class=error_class,
-                     error_message=message, permanent=permanent, seconds_spent=seconds_spent,
+                     error_message=path_text(message), permanent=permanent, seconds_spent=seconds_spent,
                      duration_seconds=duration_seconds, n_windows=None)
 
+    @_database_errors("write")
     def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float, same_host_prefix: str | None = None
               ) -> bool:
         """Claim a track for ``owner``; False when another owner holds an unexpired claim.
@@ -215,11 +256,13 @@ class Manifest:
                 .values(owner=owner, expires_at=expires))
         return result.rowcount == 1
 
+    @_database_errors("write")
     def release_claim(self, dataset: str, track_id: str, owner: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
                                                claims.c.owner == owner))
 
+    @_database_errors("read")
     def claimed_by_other(self, dataset: str, track_id: str, owner: str, ignore_prefix: str | None = None) -> bool:
         """An unexpired claim by another owner (owners starting with ``ignore_prefix`` do not count)."""
         with self.engine.connect() as conn:
@@ -230,10 +273,12 @@ class Manifest:
         expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.timezone.utc)
         return expires > _now()
 
+    @_database_errors("write")
     def forget(self, dataset: str, track_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(tracks.delete().where(tracks.c.dataset == dataset, tracks.c.track_id == track_id))
 
+    @_database_errors("write")
     def _update(self, dataset: str, track_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:
             result = conn.execute(

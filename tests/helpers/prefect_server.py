@@ -52,6 +52,13 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+# As `make server` starts it (its SERVER_ENV; tests/test_deployments.py checks the two agree).
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+}
+
+
 @contextmanager
 def prefect_server(home: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """Yields the API URL and an environment pointing at it."""
@@ -59,7 +66,7 @@ def prefect_server(home: Path) -> Iterator[tuple[str, dict[str, str]]]:
     api_url = f"http://127.0.0.1:{port}/api"
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api_url,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", **SERVER_SETTINGS)
     server = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                    home / "server.log")
     try:

@@ -134,9 +134,6 @@ def test_bad_checkpoint_fails_the_flow_before_any_file_is_touched(tmp_path):
     _assert_untouched(tmp_path / "store")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: header validation runs before the model is loaded, so an invalid audio file gets a failed manifest row "
-    "(and its track lock file) although the run then stops on the checkpoint"))
 def test_bad_checkpoint_writes_no_row_even_for_invalid_files(tmp_path):
     model = write_test_model(tmp_path / "model")
     _truncate_weights(model)
@@ -146,11 +143,6 @@ def test_bad_checkpoint_writes_no_row_even_for_invalid_files(tmp_path):
     _assert_untouched(tmp_path / "store")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a checkpoint of another architecture that transformers' AutoModel can build (here a text model, BERT) "
-    "is accepted: every file then fails at extract with a tensor-size RuntimeError, recorded as retryable, and "
-    "provenance.json describes the wrong model. The loader should refuse a model whose input is not raw audio "
-    "(main_input_name != 'input_values')"))
 def test_checkpoint_of_a_text_model_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 

@@ -162,13 +162,18 @@ def _extract_replacing(monkeypatch, tmp_path, tiny_model, when, keep_stat):
     sha = {"old": sha256_file(path)}
     real_load = mess_ai.pipeline.load_mono
 
+    replaced = []
+
     def load_and_replace(source_path, rate, **kwargs):
         # The pipeline has hashed the file (its manifest row has the old bytes' sha256) and now decodes it.
-        if when == "before decoding":
+        # Replaced once: a pipeline that reads the file again must find the new bytes there.
+        if when == "before decoding" and not replaced:
             _replace(path, new, 24000, keep_stat)
+            replaced.append(when)
         signal = real_load(source_path, rate, **kwargs)
-        if when == "after decoding":
+        if when == "after decoding" and not replaced:
             _replace(path, new, 24000, keep_stat)
+            replaced.append(when)
         return signal
 
     monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_and_replace)
@@ -191,36 +196,47 @@ def _came_from(stored, reference):
 
 
 @pytest.mark.parametrize("when", ["before decoding", "after decoding"])
-def test_replaced_file_row_describes_the_features_or_next_run_reextracts(monkeypatch, tmp_path, tiny_model, when):
+def test_replaced_file_is_read_again_so_the_row_describes_the_features(monkeypatch, tmp_path, tiny_model, when):
     audio, path, stored, reference, row, sha = _extract_replacing(monkeypatch, tmp_path, tiny_model, when,
                                                                   keep_stat=False)
-    source = _came_from(stored, reference)
-    assert source == ("new" if when == "before decoding" else "old")
-    assert row["sha256"] == sha["old"]  # hashed before the replacement
-    # The row says "old bytes". When the features came from the new ones, or the file now holds new bytes,
-    # the next run must extract again, and then the row and the features agree with the file.
+    # The file changed between the hash and the end of the decode: the run saw it (the file's identity moved),
+    # hashed and decoded it again, so both the features and the row are of the bytes now in the file.
+    assert _came_from(stored, reference) == "new"
+    assert row["sha256"] == sha["new"] and row["attempts"] == 1
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
-    assert (summary.done, summary.unchanged) == (1, 0)
-    track_id = summary.outcomes[0].track_id
-    final = load_npy(tmp_path / "store" / "audio" / "segments" / f"{track_id}.npy")
-    assert _came_from(final, reference) == "new"
-    assert rows(tmp_path / "store", "audio")[track_id]["sha256"] == sha["new"]
+    assert (summary.done, summary.unchanged) == (0, 1)
     assert_complete(tmp_path / "store", "audio", audio)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a replacement that keeps the size and the mtime (cp -p, rsync -t of an edit of equal length) between "
-    "the hash and the decode leaves a row whose sha256 is of the old bytes next to features of the new ones, and "
-    "the next run trusts (size, mtime) and keeps them: nothing re-checks the file after decoding"))
 def test_replaced_keeping_size_and_mtime_is_caught(monkeypatch, tmp_path, tiny_model):
+    """``cp -p`` / ``rsync -t`` of an edit of equal length keep size and mtime; the inode's change time moves."""
     audio, path, stored, reference, row, sha = _extract_replacing(monkeypatch, tmp_path, tiny_model,
                                                                   "before decoding", keep_stat=True)
-    came_from = _came_from(stored, reference)
+    assert _came_from(stored, reference) == "new" and row["sha256"] == sha["new"]
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
-    final_row = rows(tmp_path / "store", "audio")[summary.outcomes[0].track_id]
-    # Either the first run recorded the bytes its features came from, or the next run extracts again.
-    assert sha[came_from] == row["sha256"] or summary.done == 1
-    assert final_row["sha256"] == sha["new"]
+    assert (summary.done, summary.unchanged) == (0, 1)
+    assert_complete(tmp_path / "store", "audio", audio)
+
+
+def test_file_that_keeps_changing_is_recorded_and_retried(monkeypatch, tmp_path, tiny_model):
+    audio = tmp_path / "audio"
+    path = write_audio(audio / "growing.wav", seconds=3.0)
+    real_load = mess_ai.pipeline.load_mono
+
+    def load_while_written(source_path, rate, **kwargs):
+        signal = real_load(source_path, rate, **kwargs)
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))  # still being written by something else
+        return signal
+
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_while_written)
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    monkeypatch.undo()
+    (outcome,) = summary.outcomes
+    assert outcome.status == "failed" and "kept changing while it was read" in outcome.reason
+    assert outcome.permanent is False and summary.integrity_problems == []
+    again = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    assert again.done == 1
+    assert_complete(tmp_path / "store", "audio", audio)
 
 
 def _extract_while_one_file_vanishes(monkeypatch, tmp_path, tiny_model):

@@ -187,20 +187,12 @@ def test_store_and_manifest_on_a_full_disk_stay_consistent(tmp_path, tiny_model,
 
 
 @FREE_KIB
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: when the disk fills outside a feature write (provenance.json, a manifest update) the run stops with a "
-    "raw OSError or SQLAlchemy OperationalError and a traceback, not a StoreError the CLI reports in one line"))
 def test_store_and_manifest_on_a_full_disk_is_a_clear_error(tmp_path, tiny_model, tiny_disk, free_kib):
     _, _, proc = _run_with_manifest_on_full_disk(tmp_path, tiny_model, tiny_disk, free_kib)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mess_ai.errors.StoreError: "), last
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a run that stops on an error (here the manifest cannot be written) keeps the locks of the tracks it had "
-    "in hand: _finish raises before track.lock.release(), run_extraction does not abandon the extractor's "
-    "in-flight jobs, and ClaimedTrackLock.release skips the file lock when releasing the claim fails. Every later "
-    "run, in this process or another one on this host, then waits forever for those tracks"))
 def test_failed_run_releases_its_track_locks(tmp_path, tiny_model, monkeypatch):
     audio = _audio(tmp_path / "audio", n=4)
 
@@ -208,7 +200,7 @@ def test_failed_run_releases_its_track_locks(tmp_path, tiny_model, monkeypatch):
         raise sqlalchemy.exc.OperationalError("UPDATE tracks", {}, sqlite3.OperationalError("database or disk is full"))
 
     monkeypatch.setattr(Manifest, "mark_done", manifest_full)
-    with pytest.raises(sqlalchemy.exc.OperationalError):
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # as raised by the stand-in: the run stops on it
         run_extraction(audio, tmp_path / "store", config=_config(tiny_model))
     monkeypatch.undo()
     fs = FeatureStore(tmp_path / "store", "audio")

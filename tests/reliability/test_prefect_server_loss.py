@@ -19,7 +19,7 @@ import pytest
 
 from mess_ai.store import DONE
 from tests.helpers.audio import write_audio
-from tests.helpers.prefect_server import PREFECT, REPO_ROOT, free_port, start, stop, wait_healthy
+from tests.helpers.prefect_server import PREFECT, REPO_ROOT, SERVER_SETTINGS, free_port, start, stop, wait_healthy
 from tests.helpers.store_checks import assert_complete, assert_consistent_after_crash, rows, temp_files
 
 pytestmark = pytest.mark.soak
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.soak
 def _server(home, log):
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api_url, **SERVER_SETTINGS)
     process = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     wait_healthy(api_url)
     return process, api_url, env
@@ -50,14 +50,7 @@ def _flow_run_states(api_url):
         return sorted(run.state.name for run in client.read_flow_runs() if run.state is not None)
 
 
-GPU_SLOT_LEAKS = pytest.mark.xfail(strict=True, reason=(
-    "bug: the run held the `gpu` concurrency slot when the server died. Prefect keeps slot leases in the server's "
-    "memory (lease_storage ...memory) but active_slots in its database, so after the restart the slot is taken "
-    "by a lease that no longer exists and never expires: every later run waits for it forever (the 60 s lease "
-    "docs/operations.md promises holds only while the server stays up)"))
-
-
-@pytest.mark.parametrize("gpu_limit", ["", pytest.param("gpu", marks=GPU_SLOT_LEAKS)])
+@pytest.mark.parametrize("gpu_limit", ["", "gpu"])
 def test_server_killed_mid_run_loses_nothing(tmp_path, tiny_model, gpu_limit, figures):
     audio, store, home = tmp_path / "audio", tmp_path / "store", tmp_path / "prefect"
     for i in range(12):
