@@ -16,6 +16,7 @@ from mess_ai.features.model import DEFAULT_MODEL, resolve_device
 from mess_ai.monitoring import ResourceMonitor
 from mess_ai.pipeline import ExtractConfig, ExtractionSession, chunk_sources
 from tasks.extraction import (
+    GpuSlot,
     TransientFileErrors,
     check_integrity,
     discover_files,
@@ -67,10 +68,12 @@ def extract_features(
         window_seconds: Window length in seconds.
         hop_seconds: Hop between window starts in seconds.
         min_duration_seconds: Shorter files are recorded as failed.
-        files_per_task: Files per extraction task (a chunk).
+        files_per_task: At most this many files per extraction task (a chunk); the files are spread evenly over
+            the chunks, at least two of them for two files or more.
         minutes_per_task: Also cap a chunk at about this much audio; empty for no cap.
-        gpu_limit: Name of the Prefect global concurrency limit held during model work; empty for none.
-            "{host}" in it is replaced by this machine's host name (one limit per GPU host: "gpu:{host}").
+        gpu_limit: Name of the Prefect global concurrency limit the run holds for its model work (from its first
+            chunk to its last); empty for none. "{host}" in it is replaced by this machine's host name (one limit
+            per GPU host: "gpu:{host}").
         gpu_slots: Slots of that limit, used when the flow has to create it.
         only_failed: Re-run only the files whose last attempt failed.
         files: Only these files (paths relative to audio_dir); empty for all. Used by the shards of a scaled-out run.
@@ -100,8 +103,9 @@ def extract_features(
                 if gpu_limit:
                     ensure_concurrency_limit(gpu_limit, gpu_slots)
                 _extract_chunks(session, chunk_task, chunk_sources(
-                    valid, files_per_task, minutes_per_task * 60 if minutes_per_task else None, session.durations),
-                    gpu_limit or None, len(valid))
+                    valid, balanced_files_per_chunk(len(valid), files_per_task),
+                    minutes_per_task * 60 if minutes_per_task else None, session.durations),
+                    GpuSlot(gpu_limit), len(valid))
             problems = check_integrity(quote(session))
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
         publish_run_artifacts(summary, session.store, len(pending))
@@ -117,12 +121,22 @@ def extract_features(
     return result
 
 
-def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, gpu_limit: str | None,
+def balanced_files_per_chunk(files: int, files_per_task: int) -> int:
+    """Files per chunk: at most ``files_per_task``, as even as the count allows, and at least two chunks for two
+    files or more, so the two chunks in flight share the work (20 files, 16 per task: two chunks of 10, not 16
+    and 4, which left one of the two cores idle while the 16 decoded)."""
+    if files_per_task < 1:
+        raise ValueError(f"files per task must be at least 1, got {files_per_task}")
+    chunks = max(2 if files >= 2 else 1, -(-files // files_per_task))
+    return max(1, -(-files // chunks))
+
+
+def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, slot: GpuSlot,
                     total_files: int) -> None:
     """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at
-    most two chunks of decoded audio whatever the number of files."""
+    most two chunks of decoded audio whatever the number of files. The run's GPU slot is taken as the first
+    chunks start decoding, and given back after the last chunk."""
     logger = get_run_logger()
-    progress_id = start_progress(session.store.dataset, total_files)
     in_flight: list[tuple[PrefectFuture, int]] = []
     finished = 0
     fatal: BaseException | None = None
@@ -140,13 +154,19 @@ def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, g
         finished += size
         update_progress(progress_id, finished, total_files)
 
-    for index, chunk in enumerate(chunks):
-        if len(in_flight) == 2:
-            settle(*in_flight.pop(0))
-        if fatal is not None:
-            break
-        in_flight.append((chunk_task.submit(quote(session), chunk, gpu_limit, index, len(chunks)), len(chunk)))
-    for future, size in in_flight:
-        settle(future, size)
+    slot.take()  # before any API call of our own: the API is slow to grant it while it records task runs
+    try:
+        progress_id = start_progress(session.store.dataset, total_files)
+        for index, chunk in enumerate(chunks):
+            if len(in_flight) == 2:
+                settle(*in_flight.pop(0))
+            if fatal is not None:
+                break
+            in_flight.append((chunk_task.submit(quote(session), chunk, quote(slot), index, len(chunks)),
+                              len(chunk)))
+        for future, size in in_flight:
+            settle(future, size)
+    finally:
+        slot.release()
     if fatal is not None:
         raise fatal

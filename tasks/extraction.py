@@ -7,6 +7,7 @@ in threads of that process, and nothing heavy goes through Prefect's caching or 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from typing import Any, Iterator
 
@@ -63,25 +64,111 @@ def ensure_concurrency_limit(name: str, slots: int) -> None:
 
 
 GPU_LEASE_SECONDS = 60
-_local_slots: dict[str, threading.Lock] = {}
-_local_slots_guard = threading.Lock()
+_local_locks: dict[str, threading.Lock] = {}
+_local_locks_guard = threading.Lock()
 
 
-@contextlib.contextmanager
-def gpu_slot(name: str | None) -> Iterator[None]:
-    """The model, for one chunk at a time. Chunks of this process queue on a local lock, so they hand the model
-    to each other at once; with a limit ``name``, they then take one of its slots, which other processes and
-    machines share through Prefect."""
-    with _local_slots_guard:
-        local = _local_slots.setdefault(name or "", threading.Lock())
-    with local:
-        if not name:
+def _local_lock(name: str | None) -> threading.Lock:
+    with _local_locks_guard:
+        return _local_locks.setdefault(name or "", threading.Lock())
+
+
+class _SlotHolder(threading.Thread):
+    """Holds one slot of the Prefect concurrency limit ``limit`` from its start until ``stop``.
+
+    Prefect's ``concurrency`` context has to be left by the thread that entered it (it watches that thread, to
+    cancel it when the lease cannot be renewed), while a run's chunks run in Prefect's worker threads: so the slot
+    has a thread of its own. It runs in the flow's context (Prefect's settings and run live in context variables).
+    """
+
+    def __init__(self, limit: str, context: contextvars.Context) -> None:
+        super().__init__(name=f"mess-ai-gpu-slot-{limit}", daemon=True)
+        self.limit = limit
+        self.context = context
+        self.held = False
+        self.settled = threading.Event()  # the slot is held, or will not be (error)
+        self.error: BaseException | None = None
+        self._released = threading.Event()
+
+    def run(self) -> None:
+        self.context.run(self._hold)
+
+    def _hold(self) -> None:
+        try:
+            # A short lease: a run killed while holding the slot blocks the others for a minute, not Prefect's
+            # default five; while this thread lives, Prefect renews the lease in the background.
+            with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+                self.held = True
+                self.settled.set()
+                # Woken every second: when the lease cannot be renewed, Prefect cancels this thread with an
+                # exception raised at its next bytecode, which a wait without a timeout would never reach.
+                while not self._released.wait(1.0):
+                    pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the chunk that waits for the slot
+            self.error = exc
+        finally:
+            self.held = False
+            self.settled.set()
+
+    def stop(self) -> None:
+        """Give the slot back; waits for that only when the slot is held (not while still queueing for it)."""
+        self._released.set()
+        if self.held:
+            self.join()
+
+
+class GpuSlot:
+    """The model for one flow run's chunks, one chunk at a time.
+
+    Chunks of this process queue on a local lock, so they hand the model to each other at once. With a limit
+    ``name``, the run first takes one slot of that Prefect concurrency limit, which other processes and machines
+    share, and holds it across its chunks until ``release``: the API grants it in milliseconds when idle, but
+    takes up to 2 s while it records the run's task runs, which taken per chunk was a third of the flow's own cost
+    per audio hour (docs/benchmarks.md, overhead). ``take`` starts taking it in the background, so the wait
+    overlaps the first chunks' decoding. Two runs still never do model work at once: the second waits for the
+    first's release. A killed run stops renewing its lease, so its slot frees itself within ``GPU_LEASE_SECONDS``;
+    a lease that cannot be renewed (the API gone) ends the hold, and the next chunk takes the slot again.
+    """
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name or None
+        self._local = _local_lock(self.name)
+        self._guard = threading.Lock()
+        self._context = contextvars.copy_context()
+        self._holder: _SlotHolder | None = None
+
+    def take(self) -> None:
+        """Start taking the run's slot, unless it is held or being taken; returns at once."""
+        if self.name:
+            self._current()
+
+    def _current(self) -> _SlotHolder:
+        with self._guard:
+            if self._holder is None or (self._holder.settled.is_set() and not self._holder.held):
+                if self._holder is not None and self._holder.error is not None:
+                    get_run_logger().warning("Lost the '%s' concurrency slot (%s); taking it again.", self.name,
+                                             self._holder.error)
+                self._holder = _SlotHolder(self.name, self._context.copy())
+                self._holder.start()
+            return self._holder
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Model work of one chunk: the run's slot (taken now unless held), then this process's lock."""
+        if self.name:
+            holder = self._current()
+            holder.settled.wait()
+            if not holder.held and holder.error is not None:
+                raise holder.error
+        with self._local:
             yield
-            return
-        # A short lease: a run killed while holding the slot blocks the others for a minute, not Prefect's
-        # default five; a live holder renews its lease in the background.
-        with concurrency(name, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
-            yield
+
+    def release(self) -> None:
+        """Give the run's slot back (at the end of its chunks)."""
+        with self._guard:
+            holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.stop()
 
 
 @task(name="discover-files", cache_policy=NO_CACHE)
@@ -118,11 +205,9 @@ def preprocess_files(session: ExtractionSession, sources: list[AudioSource]) -> 
 
 
 @task(name="extract-embeddings", cache_policy=NO_CACHE)
-def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], gpu_limit: str | None
-                       ) -> list[FileOutcome]:
-    """Run a chunk's windows through the model holding one slot of the GPU limit, and write the features."""
+def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], slot: GpuSlot) -> list[FileOutcome]:
+    """Run a chunk's windows through the model inside the run's GPU slot, and write the features."""
     logger = get_run_logger()
-    slot = lambda: gpu_slot(gpu_limit)  # noqa: E731
     try:
         outcomes = session.extract(jobs, slot=slot)
     except BaseException:
@@ -137,7 +222,7 @@ def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], gpu_lim
 
 @task(name="process-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=10,
       retry_jitter_factor=0.5, retry_condition_fn=is_transient)
-def process_chunk(session: ExtractionSession, sources: list[AudioSource], gpu_limit: str | None,
+def process_chunk(session: ExtractionSession, sources: list[AudioSource], slot: GpuSlot,
                   index: int, total: int) -> list[FileOutcome]:
     """One chunk of files: preprocess, then extract. A retry redoes only the files not settled yet."""
     logger = get_run_logger()
@@ -146,7 +231,7 @@ def process_chunk(session: ExtractionSession, sources: list[AudioSource], gpu_li
     if not sources:
         return []
     jobs = preprocess_files(session, sources)
-    outcomes = extract_embeddings(session, jobs, gpu_limit) if jobs else []
+    outcomes = extract_embeddings(session, jobs, slot) if jobs else []
     ids = {s.track_id for s in sources}
     transient = [o for o in session.outcomes.values()
                  if o.track_id in ids and o.status == "failed" and not o.permanent]

@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
 import mess_ai.pipeline
-from flows.extract import extract_features
+from flows.extract import balanced_files_per_chunk, extract_features
 from mess_ai.reporting import artifact_key
 from mess_ai.store import FeatureStore
 from tests.helpers.audio import write_audio, write_empty, write_not_audio
@@ -152,6 +152,33 @@ def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model):
     assert len(intervals) == 8 and all(r["done"] == 4 for r in results.values())
     for (start1, end1), (start2, end2) in zip(intervals, intervals[1:]):
         assert end1 <= start2, f"model work overlapped: {end1} > {start2}"
+
+
+def test_a_run_takes_its_gpu_slot_once_and_gives_it_back(tmp_path, tiny_model, monkeypatch):
+    import tasks.extraction
+
+    taken = []
+    real_concurrency = tasks.extraction.concurrency
+
+    def counting(names, **kwargs):
+        taken.append(names)
+        return real_concurrency(names, **kwargs)
+
+    monkeypatch.setattr(tasks.extraction, "concurrency", counting)
+    audio = tmp_path / "audio"
+    for i in range(3):
+        write_audio(audio / f"t{i}.wav", seconds=2.0, frequency=300 + 20 * i)
+    result = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=1, gpu_limit="gpu-once-test")
+    assert result["done"] == 3 and len(result["model_work"]) == 3
+    assert taken == ["gpu-once-test"]
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu-once-test").active_slots == 0
+
+
+@pytest.mark.parametrize(("files", "files_per_task", "expected"), [
+    (1, 16, 1), (2, 16, 1), (3, 16, 2), (20, 16, 10), (33, 16, 11), (40, 16, 14), (5, 2, 2), (4, 1, 1)])
+def test_chunks_are_even_and_at_least_two(files, files_per_task, expected):
+    assert balanced_files_per_chunk(files, files_per_task) == expected
 
 
 def test_only_failed_reruns_exactly_the_failed_files(tmp_path, tiny_model):

@@ -53,6 +53,9 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
     if in_rate != target_sample_rate:
         resampler = soxr.ResampleStream(in_rate, target_sample_rate, 1, dtype="float32", quality="HQ")
     block_frames = max(1, int(block_seconds * in_rate))
+    # 16-bit PCM (most WAV, AIFF and FLAC files) is read as int16 and converted here: libsndfile's own conversion
+    # to float32 took three times as long as the read itself (see docs/benchmarks.md, overhead).
+    pcm16 = audio.subtype == "PCM_16"
     # Downmix as a matrix-vector product: numpy's mean over the short channel axis is a strided reduction,
     # about 18x slower, and was the costliest step of decoding (see docs/benchmarks.md, overhead).
     weights = np.full(audio.channels, 1.0 / audio.channels, dtype=np.float32)
@@ -63,16 +66,17 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
     frames_read = 0
     while True:
         try:
-            block = audio.read(block_frames, dtype="float32", always_2d=True)
+            block = audio.read(block_frames, dtype="int16" if pcm16 else "float32", always_2d=True)
         except sf.SoundFileError as err:
             raise AudioError(path, f"cannot decode the audio near {frames_read / in_rate:.1f} s "
                                    f"({_libsndfile_message(err)})", _STAGE) from err
         last = len(block) == 0
-        mono = block @ weights
+        mono = downmix_pcm16(block) if pcm16 else block @ weights
         # Frees the multichannel block before the resampler allocates its output: one less block at the peak.
         del block
         if not last:
-            _check_finite(path, mono, frames_read, in_rate)
+            if not pcm16:  # integers are always finite
+                _check_finite(path, mono, frames_read, in_rate)
             frames_read += len(mono)
         if resampler is not None:
             mono = resampler.resample_chunk(mono, last=last)
@@ -83,6 +87,21 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
     # In-place shrink: a trimmed copy would briefly hold the output twice.
     out.resize(written, refcheck=False)
     return out
+
+
+def downmix_pcm16(block: np.ndarray) -> np.ndarray:
+    """16-bit PCM to float: int16 [frames, channels] -> float32 [frames], the mean of the channels.
+
+    Scaled by 1/32768, as libsndfile scales 16-bit PCM to float. The channels are summed in float32, which holds a
+    sum of up to 512 16-bit samples exactly, and scaled once; for one, two or four channels every step is exact,
+    so the result equals libsndfile's float32 samples downmixed by ``load_mono``'s matrix-vector product. A loop
+    over the channel columns: the matrix-vector product itself would first convert the whole block, and is slower.
+    """
+    mono = block[:, 0].astype(np.float32)
+    for channel in range(1, block.shape[1]):
+        mono += block[:, channel]
+    mono *= np.float32(1.0 / (32768 * block.shape[1]))
+    return mono
 
 
 def _check_finite(path: str | Path, mono: np.ndarray, first_frame: int, sample_rate: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mess_ai.store.atomic import load_npy
+from mess_ai.store.atomic import load_npy, read_npy_header
 from mess_ai.store.layout import SCALES, FeatureStore
 from mess_ai.store.manifest import DONE
 
@@ -37,19 +37,26 @@ class IntegrityReport:
 
 
 def _check_file(path: Path, expected: tuple[int | None, ...], dtype: np.dtype, full: bool) -> str | None:
-    """None when the file is a finite array of the expected shape (None in ``expected`` matches any size)."""
+    """None when the file is an array of the expected shape and dtype, and with ``full`` every value is finite
+    (None in ``expected`` matches any size). Without ``full`` only the header is read, and the file's length
+    checked against it."""
     if not path.exists():
         return "missing"
+    array = None
     try:
-        array = load_npy(path, mmap=True)
+        if full:
+            array = load_npy(path, mmap=True)
+            shape, found = array.shape, array.dtype
+        else:
+            shape, found = read_npy_header(path)
     except (OSError, ValueError) as exc:
         return f"unreadable: {exc}"
-    if array.dtype != dtype:
-        return f"dtype {array.dtype}, expected {dtype}"
-    if len(array.shape) != len(expected) or any(e is not None and a != e for a, e in zip(array.shape, expected)):
+    if found != dtype:
+        return f"dtype {found}, expected {dtype}"
+    if len(shape) != len(expected) or any(e is not None and a != e for a, e in zip(shape, expected)):
         shown = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
-        return f"shape {list(array.shape)}, expected {shown}"
-    if full:
+        return f"shape {list(shape)}, expected {shown}"
+    if array is not None:
         # Checked in blocks so a raw file of many GB never has to fit in memory.
         step = max(1, (64 << 20) // max(1, array[0:1].nbytes))
         for start in range(0, array.shape[0], step):

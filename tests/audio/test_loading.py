@@ -63,6 +63,22 @@ def test_equal_rate_stereo_is_the_mean_of_the_channels(tmp_path):
     np.testing.assert_allclose(load_mono(path, TARGET), data.mean(axis=1), atol=1e-7)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_pcm_read_as_integers_equals_libsndfiles_float_conversion(tmp_path, channels):
+    pcm16 = write_audio(tmp_path / "pcm16.wav", seconds=2.0, sample_rate=44100, channels=channels, subtype="PCM_16",
+                        seed=2)
+    # The same samples as libsndfile converts them to float32, in a file it reads as float32 (the float path).
+    samples, _ = sf.read(pcm16, dtype="float32", always_2d=True)
+    floats = write_audio(tmp_path / "float.wav", sample_rate=44100, subtype="FLOAT", data=samples)
+    for rate in (44100, TARGET):
+        from_integers = load_mono(pcm16, rate, block_seconds=0.37)
+        from_floats = load_mono(floats, rate, block_seconds=0.37)
+        if channels == 3:  # 1/3 is not a power of two: one rounding apart
+            np.testing.assert_allclose(from_integers, from_floats, rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(from_integers, from_floats)
+
+
 def test_three_minute_stereo_file_never_sits_in_memory_whole(tmp_path):
     path = write_tone_in_blocks(tmp_path / "long.wav", seconds=180.0, sample_rate=44100, channels=2)
     whole_stereo_float32 = 180 * 44100 * 2 * 4
