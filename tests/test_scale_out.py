@@ -151,13 +151,19 @@ def _events_about(client, name: str, run_ids: list[str], timeout: float = 60.0) 
         time.sleep(1)
 
 
-def _slot_requests(client, run_ids: list[str]) -> list[tuple[str, float]]:
-    """(flow run, time) of each ``extract-embeddings`` task start: the moment that task asks for the GPU slot."""
+def _asked_for_slot_by(client, run_ids: list[str]) -> dict[str, float]:
+    """{flow run: time} by which each run had asked for the GPU slot: its first ``process-chunk`` task's start (a
+    run asks for the slot right before it submits its first chunk)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
     runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
-                                 task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="extract-embeddings")))
-    return [(str(r.flow_run_id), r.start_time.timestamp()) for r in runs]
+                                 task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="process-chunk")))
+    asked: dict[str, float] = {}
+    for r in runs:
+        if r.start_time is not None:
+            run = str(r.flow_run_id)
+            asked[run] = min(asked.get(run, float("inf")), r.start_time.timestamp())
+    return asked
 
 
 def _write_folder(folder: Path, count: int) -> list[str]:
@@ -212,8 +218,9 @@ def test_sharded_run_on_two_workers_extracts_each_file_once(tmp_path, tiny_model
                 shard_deployment = client.read_deployment_by_name("extract-features/shard")
                 submitted = _events_about(client, "prefect.worker.submitted-flow-run", child_ids)
                 acquired = _events_about(client, "prefect.concurrency-limit.acquired", child_ids)
+                released = _events_about(client, "prefect.concurrency-limit.released", child_ids)
                 limits = {lim.name: lim for lim in client.read_global_concurrency_limits(limit=100)}
-                slot_requests = _slot_requests(client, child_ids)
+                asked_by = _asked_for_slot_by(client, child_ids)
                 summaries = [c.state.result() for c in children]
         finally:
             for worker in workers:
@@ -240,15 +247,30 @@ def test_sharded_run_on_two_workers_extracts_each_file_once(tmp_path, tiny_model
     assert (limits[host_limit].limit, limits[host_limit].active_slots) == (1, 0)
     acquired_by = set().union(*(_flow_runs(e) for e in acquired if e.resource.name == host_limit))
     assert set(child_ids) <= acquired_by
-    # So the model work of the four shard processes (wall-clock intervals taken inside the slot) never overlaps,
+    # Each shard holds the slot once, from its first chunk to its last (the events' times), and no two hold it
+    # at once,
+    held: dict[str, list[float]] = {}
+    for phase, events in (("acquired", acquired), ("released", released)):
+        for event in events:
+            if event.resource.name == host_limit:
+                for run in _flow_runs(event) & set(child_ids):
+                    held.setdefault(run, [0.0, 0.0])[phase == "released"] = event.occurred.timestamp()
+    assert set(held) == set(child_ids) and all(0 < begin <= end for begin, end in held.values()), held
+    holds = sorted((begin, end, run) for run, (begin, end) in held.items())
+    assert not [(a, b) for a, b in zip(holds, holds[1:]) if b[0] < a[1]], f"two shards held the slot: {holds}"
+    # so the model work of the four shard processes (wall-clock intervals, each inside its run's hold) never
+    # overlaps,
     intervals = sorted((begin, end, child_ids[i]) for i, s in enumerate(summaries) for begin, end in s["model_work"])
     assert {run for _, _, run in intervals} == set(child_ids)
+    outside = [(b, e, run) for b, e, run in intervals if not held[run][0] - 0.05 <= b <= e <= held[run][1] + 0.05]
+    assert not outside, f"model work outside its run's hold of the slot: {outside} {held}"
     overlaps = [(a, b) for a, b in zip(intervals, intervals[1:]) if b[0] < a[1]]
     assert not overlaps, f"model work of two shards overlapped: {overlaps}"
-    # ... and this is the limit's doing, not luck: some shard asked for the slot while another one held it.
-    waited = [(run, at) for run, at in slot_requests
-              if any(begin < at < end and other != run for begin, end, other in intervals)]
-    assert waited, f"no shard asked for the GPU slot while another held it: {slot_requests} {intervals}"
+    # ... and this is the limit's doing, not luck: some shard had asked for the slot while another one held it,
+    # and got it only once that one gave it back.
+    waited = [run for run in child_ids
+              if any(asked_by[run] < end <= held[run][0] for begin, end, other in holds if other != run)]
+    assert waited, f"no shard waited for the GPU slot while another held it: {asked_by} {holds}"
 
     # The shared manifest: each file done after exactly one attempt, no claim left behind.
     manifest = Manifest(manifest_url)
