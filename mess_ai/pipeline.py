@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import platform
 import queue
 import threading
@@ -318,9 +319,10 @@ class ExtractionSession:
         return sources
 
     @staticmethod
-    def _content_hash(source: AudioSource, row: dict[str, Any] | None) -> str:
-        """sha256 of the file's bytes, reused from the manifest while size and mtime are unchanged."""
-        stat = source.path.stat()
+    def _content_hash(source: AudioSource, row: dict[str, Any] | None, stat: os.stat_result | None = None) -> str:
+        """sha256 of the file's bytes, reused from the manifest while size and mtime (of ``stat``, taken now when
+        not given) are unchanged."""
+        stat = stat or source.path.stat()
         if row is not None and row["size"] == stat.st_size and row["mtime_ns"] == stat.st_mtime_ns and row["sha256"]:
             return row["sha256"]
         return sha256_file(source.path)
@@ -388,7 +390,7 @@ class ExtractionSession:
         hash_error = None
         try:
             stat = source.path.stat()  # before hashing: a change during the hash shows after decoding
-            sha: str | None = self._content_hash(source, row)
+            sha: str | None = self._content_hash(source, row, stat)
         except OSError as exc:
             stat, sha, hash_error = None, None, exc
         attempts = self.store.manifest.begin_attempt(
@@ -539,7 +541,6 @@ class ExtractionSession:
 
         ``slot`` is where the flows take a GPU concurrency slot, so only model work holds one.
         """
-        self.model()
         outcomes = []
         taken: list[TrackJob] = []
 
@@ -549,6 +550,7 @@ class ExtractionSession:
                 yield job
 
         try:
+            self.model()
             with slot():
                 started_wall = time.time()
                 before = self._extractor.stats.model_seconds

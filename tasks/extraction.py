@@ -208,12 +208,8 @@ def preprocess_files(session: ExtractionSession, sources: list[AudioSource]) -> 
 def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], slot: GpuSlot) -> list[FileOutcome]:
     """Run a chunk's windows through the model inside the run's GPU slot, and write the features."""
     logger = get_run_logger()
-    try:
-        outcomes = session.extract(jobs, slot=slot)
-    except BaseException:
-        for job in jobs:  # whatever was not written keeps its manifest row pending: redone next run
-            session.abandon(job)
-        raise
+    # On an error, extract gives every job back itself: what was not written keeps its row pending (redone next run).
+    outcomes = session.extract(jobs, slot=slot)
     done = sum(o.status == "done" for o in outcomes)
     audio = sum(o.duration_seconds or 0.0 for o in outcomes if o.status == "done")
     logger.info("Extracted %d of %d files (%.1f min of audio).", done, len(outcomes), audio / 60)

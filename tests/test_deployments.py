@@ -51,15 +51,10 @@ def test_shards_balance_bytes():
 
 def test_make_server_and_the_test_servers_share_their_settings():
     """`make server` starts Prefect with the settings the tests' servers use (leases on disk, no analytics)."""
-    import os
-    import shutil
-    import subprocess
+    from tests.helpers.prefect_server import SERVER_SETTINGS, make_server_start_lines
 
-    from tests.helpers.prefect_server import SERVER_SETTINGS
-
-    if not shutil.which("make"):
+    starts = make_server_start_lines()
+    if starts is None:
         pytest.skip("make is not installed")
-    dry = subprocess.run(["make", "-n", "server"], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")})
-    (start,) = [line for line in dry.stdout.splitlines() if "server start" in line]
+    (start,) = starts
     assert all(f"{name}={value}" in start for name, value in SERVER_SETTINGS.items()), start

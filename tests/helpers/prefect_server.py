@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,16 @@ SERVER_SETTINGS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
 }
+
+
+def make_server_start_lines() -> list[str] | None:
+    """The `prefect server start` command lines `make server` would run with the Makefile's defaults (``make -n``,
+    HOST and PORT unset); None when make is not installed."""
+    if not shutil.which("make"):
+        return None
+    dry = subprocess.run(["make", "-n", "server"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")})
+    return [line for line in dry.stdout.splitlines() if "server start" in line]
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import sqlalchemy.exc
 
 import mess_ai.store.atomic
 from mess_ai.audio import discover_audio
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.pipeline import ExtractConfig, ExtractionSession, run_extraction
 from mess_ai.store import FeatureStore, Manifest
 from tests.helpers import extract_process
 from tests.helpers.audio import write_audio
@@ -211,3 +211,27 @@ def test_failed_run_releases_its_track_locks(tmp_path, tiny_model, monkeypatch):
             lock.release()
     finally:
         fs.close()
+
+
+def test_failed_chunk_of_the_flow_releases_its_track_locks(tmp_path, tiny_model, monkeypatch):
+    """The flow's way: a chunk prepared as a list, then extracted; an error on the first track gives back the
+    tracks of the whole list, the ones not reached yet too."""
+    audio = _audio(tmp_path / "audio", n=4)
+
+    def manifest_full(self, *args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("UPDATE tracks", {}, sqlite3.OperationalError("database or disk is full"))
+
+    session = ExtractionSession(tmp_path / "store", "audio", _config(tiny_model, batch_size=1))
+    try:
+        jobs = list(session.preprocess(session.validate(session.plan(session.discover(audio)))))
+        assert len(jobs) == 4
+        monkeypatch.setattr(Manifest, "mark_done", manifest_full)
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            session.extract(jobs)
+        monkeypatch.undo()
+        for source in discover_audio(audio):
+            lock = session.store.lock(source.track_id)
+            lock.acquire()  # TrackBusyError: still held by the chunk that failed
+            lock.release()
+    finally:
+        session.close()

@@ -8,8 +8,6 @@ import inspect
 import json
 import os
 import re
-import shutil
-import subprocess
 import unicodedata
 from pathlib import Path
 
@@ -18,10 +16,11 @@ import pytest
 
 from mess_ai.audio import discover_audio, make_track_id
 from mess_ai.errors import UnsupportedCheckpointError
-from mess_ai.features.model import clear_model_cache, load_model, write_test_model
+from mess_ai.features.model import clear_model_cache, load_model
 from mess_ai.pipeline import ExtractConfig, run_extraction
 from mess_ai.store import FeatureStore, check_dataset_name, check_store, load_npy
 from tests.helpers.audio import write_audio
+from tests.helpers.prefect_server import make_server_start_lines
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_FOLDERS = ("mess_ai", "flows", "tasks", "deployments", "bench")
@@ -350,8 +349,6 @@ def test_provided_server_configs_bind_loopback():
         if path.exists():
             text = path.read_text()
             assert "0.0.0.0" not in text and "--host ::" not in text, path
-    if shutil.which("make"):
-        dry = subprocess.run(["make", "-n", "server"], cwd=REPO, capture_output=True, text=True,
-                             env={k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")})
-        starts = [line for line in dry.stdout.splitlines() if "server start" in line]
-        assert starts and all("--host 127.0.0.1" in line for line in starts), dry.stdout
+    starts = make_server_start_lines()
+    if starts is not None:  # make installed
+        assert starts and all("--host 127.0.0.1" in line for line in starts), starts
