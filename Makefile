@@ -16,7 +16,14 @@ export MESS_AI_INCOMING ?= $(CURDIR)/data/incoming
 export MESS_AI_STORE    ?= $(CURDIR)/data/store
 export MESS_AI_MODEL    ?= m-a-p/MERT-v1-95M
 export MESS_AI_TIMEZONE ?= UTC
+export MESS_AI_NIGHTLY_CRON ?= 0 2 * * *
+export MESS_AI_HEARTBEAT_SECONDS ?= 60
+export MESS_AI_ZOMBIE_SECONDS ?= 180
+# Where the server POSTs a message when a run fails or crashes, or files fail in it; empty: no notifications.
+export MESS_AI_NOTIFY_URL ?=
 export MESS_AI_CODE_DIR ?= $(CURDIR)
+# The manifest's URL for the flow runs of `make worker` and `make serve`, read from their environment (never a
+# deployment parameter: Prefect would store the password); empty: SQLite in the store. `make deploy` ignores it.
 export MESS_AI_MANIFEST_URL ?=
 POOL ?= mess-ai-process
 # Flow runs a worker takes at once: a GPU host should not grab every shard of a scaled-out run.
@@ -24,11 +31,12 @@ WORKER_LIMIT ?= 2
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# constraints.txt: what Prefect's server needs beyond what Prefect itself declares (reasons in the file).
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 test: install
@@ -50,14 +58,17 @@ soak: install
 # server dies is then expired after a restart instead of staying taken forever (docs/reliability.md).
 SERVER_ENV = PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem
+# The UI is told where the API is (PREFECT_UI_API_URL): without it, it looks for the API on port 4200 whatever PORT
+# is. PREFECT_UI_URL: the links in notifications.
 server: install
-	$(SERVER_ENV) $(BIN)/prefect server start --host $(HOST) --port $(PORT)
+	$(SERVER_ENV) PREFECT_UI_API_URL=$(API) PREFECT_UI_URL=http://$(HOST):$(PORT) $(BIN)/prefect server start --host $(HOST) --port $(PORT)
 
 # Every deployment of prefect.yaml on a process work pool (run `make worker` to execute them).
 deploy: install
 	mkdir -p "$(MESS_AI_INCOMING)" "$(MESS_AI_STORE)"
 	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process --overwrite
 	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(API) $(BIN)/python -m deployments.automations
 
 worker: install
 	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL) --limit $(WORKER_LIMIT)
@@ -72,7 +83,7 @@ watch: install
 
 # Scale-out check (not in CI): PostgreSQL from Debian packages, two workers, one folder.
 e2e-scale: install
-	$(BIN)/pip install --quiet -e '.[dev,postgres]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,postgres]'
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m e2e_scale tests/test_scale_out.py $(PYTEST_ARGS)
 
 clean:

@@ -49,8 +49,8 @@ def watch(audio_dir: str | Path, *, deployment: str = DEFAULT_DEPLOYMENT, store:
         start = functools.partial(_start_deployment_run, deployment)
         where = f"as runs of the deployment {deployment}"
 
-    def on_batch(root: Path, relative_paths: list[str]) -> None:
-        what = describe_batch(relative_paths)
+    def on_batch(root: Path, relative_paths: list[str], found_at_start: list[str]) -> None:
+        what = describe_batch(relative_paths, found_at_start)
         try:
             start(flow_parameters, what)
         except Exception as exc:  # noqa: BLE001 - the watch outlives one bad run; the next change retries
@@ -64,13 +64,30 @@ def watch(audio_dir: str | Path, *, deployment: str = DEFAULT_DEPLOYMENT, store:
                  rescan_seconds=rescan_seconds, stop_event=stop_event)
 
 
-def describe_batch(relative_paths: list[str]) -> str:
-    """'3 new or changed recordings are complete (a.wav, b.wav, c.wav)', naming at most three files."""
+def describe_batch(relative_paths: list[str], found_at_start: list[str] = ()) -> str:
+    """'3 new or changed recordings are complete (a.wav, b.wav, c.wav)', naming at most three files of each kind.
+
+    The files ``found_at_start`` (in the folder when the watch began) are not called new: most are extracted
+    already, and the run started for them only picks up those that are not ('Found 4 recordings in the folder at
+    start (...): one run picks up any that are new or changed')."""
+    at_start = set(found_at_start)
+    arrived = [r for r in relative_paths if r not in at_start]
+    parts = []
+    if at_start:
+        existing = [r for r in relative_paths if r in at_start]
+        parts.append(f"Found {len(existing)} recording{'s' if len(existing) > 1 else ''} in the folder at start "
+                     f"({_names(existing)})")
+    if arrived:
+        parts.append(f"1 new or changed recording is complete ({_names(arrived)})" if len(arrived) == 1
+                     else f"{len(arrived)} new or changed recordings are complete ({_names(arrived)})")
+    what = " and ".join(parts)
+    return f"{what}: one run picks up any that are new or changed" if at_start else what
+
+
+def _names(relative_paths: list[str]) -> str:
     count = len(relative_paths)
-    names = ", ".join(relative_paths[:_NAMES_SHOWN]) + (
+    return ", ".join(relative_paths[:_NAMES_SHOWN]) + (
         f" and {count - _NAMES_SHOWN} more" if count > _NAMES_SHOWN else "")
-    return (f"1 new or changed recording is complete ({names})" if count == 1
-            else f"{count} new or changed recordings are complete ({names})")
 
 
 def _check_deployment(deployment: str) -> None:
@@ -106,11 +123,11 @@ def _start_deployment_run(deployment: str, parameters: dict[str, Any], what: str
 def _extract_here(parameters: dict[str, Any], what: str) -> None:
     from flows.extract import extract_features
     from mess_ai.cli import default_gpu_limit
+    from mess_ai.pipeline import RunSummary
 
-    log.info("%s; extracting them in this process", what)
+    log.info("%s; extracting in this process", what)
     result = extract_features(**{"gpu_limit": default_gpu_limit(), **parameters})
-    log.info("Extraction finished: %d extracted, %d failed, %d unchanged.", result["done"], result["failed"],
-             result["unchanged"])
+    log.info("Extraction finished: %s.", RunSummary.from_dict(result).counts.describe())
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

@@ -24,10 +24,12 @@ from tasks.extraction import (
     process_chunk,
     validate_files,
 )
+from tasks.manifest import manifest_url_of_run
+from tasks.notify import RUN_HOOKS, announce_outcome
 from tasks.reporting import publish_run_artifacts, start_progress, update_progress
 
 
-@flow(name="extract-features", log_prints=False)
+@flow(name="extract-features", log_prints=False, **RUN_HOOKS)
 def extract_features(
     audio_dir: str,
     store: str,
@@ -51,6 +53,7 @@ def extract_features(
     retries: int = 3,
     retry_delay_seconds: float = 10.0,
     manifest_url: str | None = None,
+    manifest_secret: str | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Extract MERT-v1 embeddings for every new or changed recording under a folder.
@@ -80,7 +83,11 @@ def extract_features(
         run_analysis: Run the embedding analysis on the dataset afterwards.
         retries: Retries of a chunk whose files failed for transient reasons (I/O, GPU memory).
         retry_delay_seconds: First retry delay; it doubles each retry, with jitter.
-        manifest_url: SQLAlchemy URL of the manifest; empty for the SQLite file in the store.
+        manifest_url: SQLAlchemy URL of the manifest, without a password (one is refused: parameters are stored
+            and shown by Prefect); empty for the secret below, else the worker's MESS_AI_MANIFEST_URL, else the
+            SQLite file in the store.
+        manifest_secret: Name of a Prefect Secret block holding the manifest URL (a URL with a password goes
+            there or in the worker's MESS_AI_MANIFEST_URL); empty for none.
         trust_remote_code: Let a non-MERT hub model run its own code.
     """
     logger = get_run_logger()
@@ -90,9 +97,10 @@ def extract_features(
                            batch_size=batch_size, keep_raw=keep_raw,
                            window=WindowSpec(window_seconds, hop_seconds, min_duration_seconds),
                            trust_remote_code=trust_remote_code)
+    url = manifest_url_of_run(manifest_url, manifest_secret)
     monitor = ResourceMonitor(resolve_device(device))
     session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
-                                manifest_url=manifest_url, monitor=monitor)
+                                manifest_url=url, monitor=monitor)
     chunk_task = process_chunk.with_options(
         retries=retries, retry_delay_seconds=[retry_delay_seconds * 2 ** i for i in range(retries)])
     try:
@@ -105,19 +113,21 @@ def extract_features(
                 _extract_chunks(session, chunk_task, chunk_sources(
                     valid, balanced_files_per_chunk(len(valid), files_per_task),
                     minutes_per_task * 60 if minutes_per_task else None, session.durations),
-                    GpuSlot(gpu_limit), len(valid))
+                    GpuSlot(gpu_limit))
             problems = check_integrity(quote(session))
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
-        publish_run_artifacts(summary, session.store, len(pending))
+        publish_run_artifacts(summary, session.store)
     finally:
         session.close()
-    logger.info("Done: %d extracted, %d failed, %d unchanged, %.2f h of audio in %.1f s.", summary.done,
-                summary.failed, summary.unchanged, summary.audio_seconds / 3600, summary.wall_seconds)
+    logger.info("Done: %s; %.2f h of audio in %.1f s.", summary.counts.describe(), summary.audio_seconds / 3600,
+                summary.wall_seconds)
     result = summary.to_dict()
     if run_analysis:
         from flows.analyze import analyze_store
 
-        result["analysis"] = analyze_store(store, summary.dataset, manifest_url=manifest_url)
+        result["analysis"] = analyze_store(store, summary.dataset, manifest_url=manifest_url,
+                                           manifest_secret=manifest_secret)
+    announce_outcome(summary)
     return result
 
 
@@ -131,18 +141,16 @@ def balanced_files_per_chunk(files: int, files_per_task: int) -> int:
     return max(1, -(-files // chunks))
 
 
-def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, slot: GpuSlot,
-                    total_files: int) -> None:
+def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, slot: GpuSlot) -> None:
     """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at
     most two chunks of decoded audio whatever the number of files. The run's GPU slot is taken as the first
     chunks start decoding, and given back after the last chunk."""
     logger = get_run_logger()
     in_flight: list[tuple[PrefectFuture, int]] = []
-    finished = 0
     fatal: BaseException | None = None
 
     def settle(future: PrefectFuture, size: int) -> None:
-        nonlocal finished, fatal
+        nonlocal fatal
         future.wait()
         if future.state.is_failed():
             error = future.state.result(raise_on_failure=False)
@@ -151,12 +159,11 @@ def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, s
                                len(error.outcomes))
             else:
                 fatal = fatal or error  # the run cannot work at all (model, store): the flow fails
-        finished += size
-        update_progress(progress_id, finished, total_files)
+        update_progress(progress_id, session.counts())
 
     slot.take()  # before any API call of our own: the API is slow to grant it while it records task runs
     try:
-        progress_id = start_progress(session.store.dataset, total_files)
+        progress_id = start_progress(session.store.dataset, session.counts())
         for index, chunk in enumerate(chunks):
             if len(in_flight) == 2:
                 settle(*in_flight.pop(0))

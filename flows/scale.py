@@ -20,6 +20,8 @@ from mess_ai.features.model import DEFAULT_MODEL
 from mess_ai.pipeline import ExtractConfig, ExtractionSession
 from mess_ai.store import DONE, FAILED
 from mess_ai.store.manifest import path_text
+from tasks.manifest import manifest_url_of_run
+from tasks.notify import RUN_HOOKS
 
 
 def split_into_shards(paths: list[str], sizes: dict[str, int], shards: int) -> list[list[str]]:
@@ -34,7 +36,7 @@ def split_into_shards(paths: list[str], sizes: dict[str, int], shards: int) -> l
     return [sorted(members) for _, members in buckets if members]
 
 
-@flow(name="extract-sharded", log_prints=False)
+@flow(name="extract-sharded", log_prints=False, **RUN_HOOKS)
 def extract_sharded(
     audio_dir: str,
     store: str,
@@ -43,6 +45,7 @@ def extract_sharded(
     shards: int = 2,
     deployment: str = "extract-features/shard",
     manifest_url: str | None = None,
+    manifest_secret: str | None = None,
     poll_seconds: float = 5.0,
 ) -> dict[str, Any]:
     """Split new or changed recordings into shards, each extracted by a child flow run on the work pool.
@@ -54,12 +57,17 @@ def extract_sharded(
         model: Hub id or local directory of the model (the same on every worker).
         shards: Number of child runs; one or two per GPU worker is a good start.
         deployment: The deployment that extracts one shard.
-        manifest_url: SQLAlchemy URL of the shared manifest (PostgreSQL across machines).
+        manifest_url: SQLAlchemy URL of the shared manifest, without a password (one is refused: parameters are
+            stored and shown by Prefect); empty for the secret below, else the workers' MESS_AI_MANIFEST_URL
+            (PostgreSQL across machines), else the SQLite file in the store.
+        manifest_secret: Name of a Prefect Secret block holding the manifest URL; empty for none. The shard runs
+            get the two parameters as given, never a URL read from the secret or the environment.
         poll_seconds: How often to check on the child runs.
     """
     logger = get_run_logger()
     dataset = dataset or Path(audio_dir).absolute().name
-    session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=manifest_url)
+    url = manifest_url_of_run(manifest_url, manifest_secret)
+    session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=url)
     try:
         pending = session.plan(session.discover(audio_dir))
     finally:
@@ -69,9 +77,9 @@ def extract_sharded(
     logger.info("%d new or changed files in %d shards.", len(pending), len(parts))
     runs = [run_deployment(deployment, timeout=0, parameters={
         "audio_dir": audio_dir, "store": store, "dataset": dataset, "model": model, "files": part,
-        "manifest_url": manifest_url}) for part in parts]
+        "manifest_url": manifest_url, "manifest_secret": manifest_secret}) for part in parts]
     states = _wait(runs, poll_seconds)
-    session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=manifest_url)
+    session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=url)
     try:
         rows = {r["relative_path"]: r["status"] for r in session.store.manifest.rows(dataset)}
     finally:

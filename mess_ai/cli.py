@@ -6,12 +6,13 @@ Exit codes: 0 everything done / clean, 1 some files failed / problems found, 2 u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from mess_ai.analysis import cli as analysis_cli
 from mess_ai.errors import MessError
@@ -19,6 +20,7 @@ from mess_ai.errors import MessError
 log = logging.getLogger("mess_ai.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LONG_RUNNING_COMMANDS = ("watch", "serve")
 
 
 def _format_seconds(seconds: float) -> str:
@@ -51,7 +53,8 @@ class _Progress:
                 self.bar.update(1)
                 self.bar.set_postfix_str(info["relative_path"][-40:])
             else:
-                what = "done" if info["status"] == "done" else f"FAILED at {info['stage']}: {info['reason']}"
+                what = {"done": "done", "busy": f"busy: {info['reason']}"}.get(
+                    info["status"], f"FAILED at {info['stage']}: {info['reason']}")
                 log.info("[%d/%d] %s: %s", self.count, self.total, info["relative_path"], what)
 
     def close(self) -> None:
@@ -75,11 +78,12 @@ def print_summary(summary: Any, out: Any = None) -> None:
     """The end-of-run report a person reads."""
     p = lambda *a: print(*a, file=out or sys.stdout)  # noqa: E731
     rtf = summary.real_time_factor
-    p(f"mess-ai: {summary.discovered} audio files in {summary.audio_dir} -> store {summary.store}, "
+    counts = summary.counts
+    p(f"mess-ai: {counts.discovered} audio files found in {summary.audio_dir} -> store {summary.store}, "
       f"dataset '{summary.dataset}'")
-    p(f"  extracted: {summary.done}   unchanged (skipped): {summary.unchanged}   failed: {summary.failed}"
-      + (f"   failed before, unchanged: {summary.previously_failed}" if summary.previously_failed else "")
-      + (f"   left to a concurrent run: {summary.busy}" if summary.busy else ""))
+    for label, count in counts.categories(empty=False):
+        p(f"  {label + ':':<44}{count:>6}")
+    p(f"  {'new or changed (needed work):':<44}{counts.new_or_changed:>6}")
     if summary.done:
         p(f"  audio extracted: {_format_seconds(summary.audio_seconds)} in {_format_seconds(summary.wall_seconds)}"
           + (f" ({rtf:.1f}x real time)" if rtf else ""))
@@ -108,6 +112,24 @@ def _prepare_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mess_ai")
 
 
+@contextlib.contextmanager
+def _manifest_url_for_flows(url: str | None) -> Iterator[None]:
+    """Hand ``--manifest-url`` to an in-process flow run through this process's MESS_AI_MANIFEST_URL, never as a
+    flow parameter: Prefect stores parameters (on the user's server too, with PREFECT_API_URL) and shows them in
+    its UI, password included. No URL: the SQLite file in the store, as for the commands that run no flow."""
+    from mess_ai.store.manifest import MANIFEST_URL_ENV
+
+    before = os.environ.get(MANIFEST_URL_ENV)
+    os.environ[MANIFEST_URL_ENV] = url or ""
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MANIFEST_URL_ENV, None)
+        else:
+            os.environ[MANIFEST_URL_ENV] = before
+
+
 class _HideExpectedErrors(logging.Filter):
     """Our own errors get one clear line from the CLI; Prefect need not print their tracebacks too."""
 
@@ -130,13 +152,13 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
     gpu_limit = default_gpu_limit() if args.gpu_limit is None else args.gpu_limit
     bar = _Progress()
     try:
-        with progress_events.listening(bar):
+        with progress_events.listening(bar), _manifest_url_for_flows(args.manifest_url):
             result = extract_features(
                 audio_dir=str(audio_dir), store=str(args.store), dataset=args.dataset, model=args.model,
                 revision=args.revision, device=args.device, precision=args.precision, batch_size=args.batch_size,
                 keep_raw=args.keep_raw, window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
                 min_duration_seconds=args.min_duration, files_per_task=args.files_per_task,
-                gpu_limit=gpu_limit, only_failed=only_failed, manifest_url=args.manifest_url,
+                gpu_limit=gpu_limit, only_failed=only_failed,
                 trust_remote_code=args.trust_remote_code)
     finally:
         bar.close()
@@ -175,8 +197,9 @@ def _analyze_via_flow(store: Path, dataset: str | None, *, labels_csv: Path | No
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_HideExpectedErrors())
-    return analyze_store(store=str(store), dataset=dataset, labels_csv=str(labels_csv) if labels_csv else None,
-                         n_clusters=n_clusters, baseline=baseline, manifest_url=manifest_url)
+    with _manifest_url_for_flows(manifest_url):
+        return analyze_store(store=str(store), dataset=dataset, labels_csv=str(labels_csv) if labels_csv else None,
+                             n_clusters=n_clusters, baseline=baseline)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -276,7 +299,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mess_ai.demo import run_demo
 
     _prepare_prefect(args.verbose)
-    return run_demo(Path(args.workdir))
+    with _manifest_url_for_flows(None):  # the demo's own store, never a shared manifest from the environment
+        return run_demo(Path(args.workdir))
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
@@ -380,7 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s" if args.verbose else "%(message)s")
+    # Commands that run for days (watch, serve) say when each thing happened; the others print a plain report.
+    when = "%(asctime)s " if args.command in LONG_RUNNING_COMMANDS else ""
+    logging.basicConfig(level=level, format=when + ("%(levelname)s %(message)s" if args.verbose else "%(message)s"),
+                        datefmt="%Y-%m-%d %H:%M:%S")
     for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -77,6 +77,60 @@ class FileOutcome:
     permanent: bool | None = None
 
 
+# What became of each file found, in the order every report lists them: (RunSummary field, what a person reads).
+FILE_CATEGORIES = (
+    ("done", "done (extracted now)"),
+    ("failed", "failed now"),
+    ("unchanged", "unchanged (skipped)"),
+    ("previously_failed", "failed before, same bytes (not retried)"),
+    ("busy", "busy (another run holds it)"),
+    ("not_selected", "not selected"),
+    ("left", "left for the next run (stopped early)"),
+)
+
+
+@dataclass(frozen=True)
+class FileCounts:
+    """Every file found, in exactly one category: ``discovered == sum of the categories``.
+
+    ``not_selected``: outside this run's choice (a retry-failed run takes the failed files only, a shard its own
+    files). ``left``: chosen but not settled (yet): during a run, the files still to do; at its end, files a run
+    that stopped early leaves to the next one.
+    """
+
+    discovered: int = 0
+    done: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    previously_failed: int = 0
+    busy: int = 0
+    not_selected: int = 0
+    left: int = 0
+
+    def categories(self, empty: bool = True) -> list[tuple[str, int]]:
+        """(label, count) of every category, in report order; the counts sum to ``discovered``. Without ``empty``,
+        done and failed always, the others when they hold files."""
+        return [(label, getattr(self, name)) for name, label in FILE_CATEGORIES
+                if empty or getattr(self, name) or name in ("done", "failed")]
+
+    @property
+    def new_or_changed(self) -> int:
+        """Files that needed work in this run (new, changed, or failed and retried)."""
+        return self.done + self.failed + self.busy + self.left
+
+    @property
+    def settled(self) -> int:
+        return self.discovered - self.left
+
+    def describe(self, finished: bool = True) -> str:
+        """'6 found = 1 done (extracted now) + 1 failed now + 4 unchanged (skipped)' (the categories without
+        ``empty``); while the run goes on (not ``finished``) the files left read 'to do'."""
+        left_label = dict(FILE_CATEGORIES)["left"]
+        parts = [f"{count} {'to do' if label == left_label and not finished else label}"
+                 for label, count in self.categories(empty=False)]
+        return f"{self.discovered} found = " + " + ".join(parts)
+
+
 @dataclass
 class RunSummary:
     audio_dir: str
@@ -88,6 +142,8 @@ class RunSummary:
     done: int = 0
     failed: int = 0
     busy: int = 0
+    not_selected: int = 0
+    left: int = 0
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     model_loaded: bool = False
@@ -103,6 +159,11 @@ class RunSummary:
     def real_time_factor(self) -> float | None:
         """Audio seconds extracted per wall-clock second (None when nothing was extracted)."""
         return self.audio_seconds / self.wall_seconds if self.audio_seconds and self.wall_seconds else None
+
+    @property
+    def counts(self) -> FileCounts:
+        """What became of every file found (the numbers every report shows)."""
+        return FileCounts(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FileCounts)})
 
     @property
     def failures(self) -> list[FileOutcome]:
@@ -264,6 +325,8 @@ class ExtractionSession:
         self.outcomes: dict[str, FileOutcome] = {}
         self.model_work: list[tuple[float, float]] = []
         self.discovered = 0
+        self.not_selected = 0
+        self.selected: set[str] = set()  # track ids of the files chosen for work by ``plan``
         self._model: LoadedModel | None = None
         self._extractor: Extractor | None = None
         self._lock = threading.RLock()
@@ -290,15 +353,23 @@ class ExtractionSession:
         if announce:
             self.progress("file", dataclasses.asdict(outcome))
 
+    def counts(self) -> FileCounts:
+        """What became of every file found so far: each outcome's status, the files ``plan`` did not select, and
+        the selected ones without an outcome (still to do; left for the next run once the run has stopped)."""
+        with self._lock:
+            statuses = [o.status for o in self.outcomes.values()]
+            return FileCounts(
+                discovered=self.discovered, done=statuses.count("done"), failed=statuses.count("failed"),
+                unchanged=statuses.count("unchanged"), previously_failed=statuses.count("previously_failed"),
+                busy=statuses.count("busy"), not_selected=self.not_selected,
+                left=sum(track_id not in self.outcomes for track_id in self.selected))
+
     def summary(self, audio_dir: str | Path, wall_seconds: float, integrity_problems: list[str]) -> RunSummary:
         with self._lock:
             outcomes = sorted(self.outcomes.values(), key=lambda o: o.relative_path)
-            count = lambda status: sum(o.status == status for o in outcomes)  # noqa: E731
             return RunSummary(
                 audio_dir=str(audio_dir), store=str(self.store.root), dataset=self.store.dataset,
-                discovered=self.discovered, unchanged=count("unchanged"),
-                previously_failed=count("previously_failed"), done=count("done"), failed=count("failed"),
-                busy=count("busy"),
+                **dataclasses.asdict(self.counts()),
                 audio_seconds=sum(o.duration_seconds or 0.0 for o in outcomes if o.status == "done"),
                 wall_seconds=wall_seconds, model_loaded=self._model is not None,
                 stage_seconds=dict(self.stage_seconds), stage_files=dict(self.stage_files),
@@ -315,7 +386,9 @@ class ExtractionSession:
         with self._stage("discover"):
             sources = discover_audio(audio_dir)
             self.store.sweep_temp_files()
-        self.discovered = len(sources)
+        with self._lock:
+            self.discovered = len(sources)
+            self.stage_files["discover"] += len(sources)
         return sources
 
     @staticmethod
@@ -345,17 +418,27 @@ class ExtractionSession:
             return "previously_failed"
         return None
 
-    def plan(self, sources: list[AudioSource], only_failed: bool = False) -> list[AudioSource]:
-        """The sources that need work; the others are recorded as unchanged or previously failed."""
+    def plan(self, sources: list[AudioSource], only_failed: bool = False,
+             files: Iterable[str] | None = None) -> list[AudioSource]:
+        """The sources that need work; the others are recorded as unchanged or previously failed, or counted as
+        not selected: with ``files`` (paths relative to the audio folder) those not named, with ``only_failed``
+        those whose last attempt did not fail."""
+        wanted = None if files is None else set(files)
         with self._stage("discover"):
             rows = self.store.manifest.rows_by_track(self.store.dataset)
             provenance = self.store.read_provenance() or {}
             pending = []
+            not_selected = 0
             for source in sources:
                 row = rows.get(source.track_id)
+                if wanted is not None and source.relative not in wanted:
+                    not_selected += 1
+                    continue
                 if only_failed:
                     if row is not None and row["status"] == FAILED:
                         pending.append(source)
+                    else:
+                        not_selected += 1
                     continue
                 settled = self._settled(source, row, provenance)
                 if settled is None:
@@ -367,6 +450,9 @@ class ExtractionSession:
                         source.track_id, source.relative, "previously_failed", row["failure_stage"],
                         row["error_class"], row["error_message"], row["attempts"], row["duration_seconds"],
                         permanent=True), announce=False)
+        with self._lock:
+            self.not_selected += not_selected
+            self.selected.update(source.track_id for source in pending)
         self.progress("plan", {"discovered": len(sources), "pending": len(pending)})
         return pending
 
@@ -677,8 +763,8 @@ def run_extraction(
         with monitor:
             sources = session.discover(audio_dir)
             pending = session.plan(sources, only_failed)
-            log.info("Found %d audio files in %s: %d to extract, %d unchanged or failed before.",
-                     len(sources), audio_dir, len(pending), len(sources) - len(pending))
+            log.info("Found %d audio files in %s: %d to extract (%s).", len(sources), audio_dir, len(pending),
+                     session.counts().describe(finished=False))
             valid = session.validate(pending)
             if valid:
                 jobs = session.preprocess(valid)
@@ -689,8 +775,7 @@ def run_extraction(
         summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
     finally:
         session.close()
-    log.info("Done: %d extracted, %d failed, %d unchanged in %.1f s.", summary.done, summary.failed,
-             summary.unchanged, summary.wall_seconds)
+    log.info("Done: %s, in %.1f s.", summary.counts.describe(), summary.wall_seconds)
     return summary
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mess_ai.pipeline import STAGES, RunSummary
+from mess_ai.pipeline import STAGES, FileCounts, RunSummary
 
 
 def artifact_key(dataset: str, what: str) -> str:
@@ -18,16 +18,15 @@ def artifact_key(dataset: str, what: str) -> str:
     return f"mess-ai-{slug}-{what}"[:100]
 
 
-def summary_table(summary: RunSummary, new_files: int) -> list[dict[str, Any]]:
+def summary_table(summary: RunSummary) -> list[dict[str, Any]]:
+    """Files found, then what became of each (the categories sum to the files found), then the run's measures."""
     hours = summary.audio_seconds / 3600
     rtf = summary.real_time_factor
+    counts = summary.counts
     rows = [
-        ("audio files found", summary.discovered),
-        ("new or changed", new_files),
-        ("skipped (unchanged)", summary.unchanged),
-        ("done", summary.done),
-        ("failed", summary.failed),
-        ("failed before, unchanged (not retried)", summary.previously_failed),
+        ("audio files found", counts.discovered),
+        *counts.categories(),
+        ("new or changed (needed work)", counts.new_or_changed),
         ("store problems", len(summary.integrity_problems)),
         ("audio extracted (hours)", round(hours, 4)),
         ("wall time (s)", round(summary.wall_seconds, 2)),
@@ -35,6 +34,13 @@ def summary_table(summary: RunSummary, new_files: int) -> list[dict[str, Any]]:
         ("model loaded", "yes" if summary.model_loaded else "no (nothing new)"),
     ]
     return [{"measure": name, "value": value} for name, value in rows]
+
+
+def progress_report(counts: FileCounts) -> tuple[float, str]:
+    """Percent of the files found that are settled, and what became of them: '5 of 6 files settled (6 found = 2
+    done (extracted now) + 1 failed now + 2 unchanged (skipped) + 1 to do)'."""
+    percent = 100.0 * counts.settled / counts.discovered if counts.discovered else 100.0
+    return percent, f"{counts.settled} of {counts.discovered} files settled ({counts.describe(finished=False)})"
 
 
 def stage_table(summary: RunSummary) -> list[dict[str, Any]]:

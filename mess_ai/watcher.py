@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 # (size, mtime_ns): the same notion of "changed" as the pipeline's, which reuses a file's hash while both hold.
 Signature = tuple[int, int]
-BatchCallback = Callable[[Path, list[str]], None]
+# on_batch(root, relative_paths, found_at_start): found_at_start are those of the batch that were in the folder,
+# as they are now, when the watch began (they may well be extracted already).
+BatchCallback = Callable[[Path, list[str], list[str]], None]
 
 
 @dataclass
@@ -60,6 +62,7 @@ class StableBatcher:
         self.dropped: collections.Counter[str] = collections.Counter()
         self._pending: dict[str, _Pending] = {}
         self._handed_over: dict[str, Signature] = {}
+        self._at_start: dict[str, Signature] = {}
         self._last_activity = float("-inf")
 
     @property
@@ -81,9 +84,10 @@ class StableBatcher:
             else:
                 self._notice(audio_source_at(self.root, path))
 
-    def rescan(self) -> None:
+    def rescan(self, at_start: bool = False) -> None:
         """Look at every audio file under the root: those not handed over with their current size and mtime
-        wait for stability like new files."""
+        wait for stability like new files. ``at_start``: the scan of what the folder held when the watch began;
+        ``found_at_start`` tells those files apart once handed over."""
         now = self.clock()
         for source in discover_audio(self.root):
             if source.relative in self._pending:
@@ -92,6 +96,13 @@ class StableBatcher:
             if signature is not None and self._handed_over.get(source.relative) != signature:
                 self._pending[source.relative] = _Pending(source, signature, now)
                 self._last_activity = now
+                if at_start:
+                    self._at_start[source.relative] = signature
+
+    def found_at_start(self, batch: list[str]) -> list[str]:
+        """The files of ``batch`` (just handed over by ``poll``) that the scan at start found, unchanged since:
+        already in the folder when the watch began, not new. Each file is told once."""
+        return [r for r in batch if r in self._at_start and self._at_start.pop(r) == self._handed_over.get(r)]
 
     def poll(self) -> list[str]:
         """The relative paths of the next batch, sorted, or ``[]`` while it is not ready (or there is nothing)."""
@@ -145,6 +156,7 @@ class StableBatcher:
             if self._pending.pop(key, None) is not None:
                 self.dropped["deleted"] += 1
             self._handed_over.pop(key, None)
+            self._at_start.pop(key, None)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -163,10 +175,11 @@ def _signature(path: Path) -> Signature | None:
 def watch_folder(root: str | Path, on_batch: BatchCallback, *, stable_seconds: float = 5.0,
                  debounce_seconds: float = 2.0, stop_event: threading.Event | None = None,
                  rescan_seconds: float | None = None, initial_scan: bool = True) -> None:
-    """Watch ``root`` until ``stop_event`` is set (or Ctrl-C), calling ``on_batch(root, relative_paths)`` for each
-    batch of complete new or changed audio files.
+    """Watch ``root`` until ``stop_event`` is set (or Ctrl-C), calling ``on_batch(root, relative_paths,
+    found_at_start)`` for each batch of complete new or changed audio files.
 
-    ``initial_scan`` treats the files already there at start as new (the pipeline skips the unchanged ones);
+    ``initial_scan`` hands over the files already there at start too (the pipeline skips the unchanged ones), named
+    in ``found_at_start``, as they may well be extracted already;
     ``rescan_seconds`` also looks at the whole folder that often, for events a file system does not deliver
     (network shares). ``on_batch`` runs in this thread: events that come meanwhile are kept and handled after it.
     Raises ``FileNotFoundError`` / ``NotADirectoryError`` for an unusable root.
@@ -187,8 +200,8 @@ def watch_folder(root: str | Path, on_batch: BatchCallback, *, stable_seconds: f
         batcher.feed(changes)
         # The first scan runs once the watcher is running, so a file written in between is not missed.
         if scan_due or (rescan_seconds is not None and time.monotonic() - last_scan >= rescan_seconds):
-            batcher.rescan()
+            batcher.rescan(at_start=scan_due)
             scan_due, last_scan = False, time.monotonic()
         batch = batcher.poll()
         if batch:
-            on_batch(root_path, batch)
+            on_batch(root_path, batch, batcher.found_at_start(batch))

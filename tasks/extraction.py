@@ -178,13 +178,9 @@ def discover_files(session: ExtractionSession, audio_dir: str, only_failed: bool
     ``files``, only those (paths relative to ``audio_dir``)."""
     logger = get_run_logger()
     sources = session.discover(audio_dir)
-    if files is not None:
-        wanted = set(files)
-        sources = [s for s in sources if s.relative in wanted]
-    pending = session.plan(sources, only_failed)
-    settled = len(sources) - len(pending)
-    logger.info("Found %d audio files in %s: %d to extract, %d unchanged or failed before.",
-                len(sources), audio_dir, len(pending), settled)
+    pending = session.plan(sources, only_failed, files)
+    logger.info("Found %d audio files in %s: %d to extract (%s).", len(sources), audio_dir, len(pending),
+                session.counts().describe(finished=False))
     return pending
 
 

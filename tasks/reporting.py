@@ -11,25 +11,34 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from mess_ai.pipeline import RunSummary
-from mess_ai.reporting import artifact_key, failures_table, gpu_markdown, memory_table, stage_table, summary_table
+from mess_ai.pipeline import FileCounts, RunSummary
+from mess_ai.reporting import (
+    artifact_key,
+    failures_table,
+    gpu_markdown,
+    memory_table,
+    progress_report,
+    stage_table,
+    summary_table,
+)
 from mess_ai.store import FAILED, FeatureStore
 
 
-def start_progress(dataset: str, total_files: int) -> UUID:
-    return create_progress_artifact(0.0, key=artifact_key(dataset, "progress"),
-                                    description=f"Files extracted of {total_files} new or changed")
+def start_progress(dataset: str, counts: FileCounts) -> UUID:
+    """The progress artifact: files settled (done, failed, skipped, ...) of all files found."""
+    percent, description = progress_report(counts)
+    return create_progress_artifact(percent, key=artifact_key(dataset, "progress"), description=description)
 
 
-def update_progress(artifact_id: UUID, finished: int, total: int) -> None:
-    update_progress_artifact(artifact_id, 100.0 * finished / total if total else 100.0,
-                             description=f"{finished} of {total} files finished")
+def update_progress(artifact_id: UUID, counts: FileCounts) -> None:
+    percent, description = progress_report(counts)
+    update_progress_artifact(artifact_id, percent, description=description)
 
 
-def publish_run_artifacts(summary: RunSummary, store: FeatureStore, new_files: int) -> None:
+def publish_run_artifacts(summary: RunSummary, store: FeatureStore) -> None:
     """Create the run's artifacts; each key keeps its history across runs in the UI."""
     dataset = summary.dataset
-    create_table_artifact(summary_table(summary, new_files), key=artifact_key(dataset, "run-summary"),
+    create_table_artifact(summary_table(summary), key=artifact_key(dataset, "run-summary"),
                           description=f"Run summary: {summary.audio_dir} -> {summary.store} ({dataset})")
     create_table_artifact(stage_table(summary), key=artifact_key(dataset, "stage-times"),
                           description="Time, files and audio seconds per stage (extract: model time only)")

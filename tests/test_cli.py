@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,15 +30,15 @@ def test_extract_exit_codes_and_summary(tmp_path, tiny_model, capsys):
     write_audio(audio / "good.wav", seconds=3.0)
     assert extract(audio, store, tiny_model) == 0
     out = capsys.readouterr().out
-    assert "extracted: 1" in out and "features:" in out
+    assert re.search(r"done \(extracted now\): +1\n", out) and "features:" in out
 
     write_not_audio(audio / "bad.wav")
     assert extract(audio, store, tiny_model) == 1
     out = capsys.readouterr().out
-    assert "bad.wav" in out and "[validate]" in out and "unchanged (skipped): 1" in out
+    assert "bad.wav" in out and "[validate]" in out and re.search(r"unchanged \(skipped\): +1\n", out)
 
     assert extract(audio, store, tiny_model) == 1  # still failed: unchanged bytes are not retried
-    assert "failed before, unchanged: 1" in capsys.readouterr().out
+    assert re.search(r"failed before, same bytes \(not retried\): +1\n", capsys.readouterr().out)
 
     assert extract(audio, store, tiny_model, "--json") == 1
     data = json.loads(capsys.readouterr().out)
@@ -127,7 +128,7 @@ def test_only_failed_retries_failed_files(tmp_path, tiny_model, capsys):
     write_audio(audio / "short.wav", seconds=1.5)  # fixed by its owner
     assert extract(audio, store, tiny_model, "--only-failed", "--json") == 0
     data = json.loads(capsys.readouterr().out)
-    assert (data["done"], data["discovered"]) == (1, 2)
+    assert (data["discovered"], data["done"], data["not_selected"]) == (2, 1, 1)  # ok.wav: not selected
     fs = FeatureStore(store, "audio")
     assert {r["relative_path"]: r["status"] for r in fs.manifest.rows("audio")} == {"ok.wav": "done",
                                                                                     "short.wav": "done"}

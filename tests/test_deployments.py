@@ -9,7 +9,8 @@ from deployments.serve import REPO_ROOT, build_deployments, load_deployment_spec
 from flows.scale import split_into_shards
 
 ENV = {"MESS_AI_INCOMING": "/data/in", "MESS_AI_STORE": "/data/store", "MESS_AI_MODEL": "m-a-p/MERT-v1-95M",
-       "MESS_AI_TIMEZONE": "Europe/Berlin", "MESS_AI_CODE_DIR": "/srv/mess-ai", "MESS_AI_MANIFEST_URL": ""}
+       "MESS_AI_TIMEZONE": "Europe/Berlin", "MESS_AI_CODE_DIR": "/srv/mess-ai",
+       "MESS_AI_NIGHTLY_CRON": "0 2 * * *", "MESS_AI_HEARTBEAT_SECONDS": "60"}
 
 
 def test_prefect_yaml_has_the_deployments_and_no_local_paths():

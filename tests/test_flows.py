@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import re
 import threading
 
 import pytest
@@ -11,6 +14,9 @@ from prefect.client.schemas.sorting import ArtifactSort
 
 import mess_ai.pipeline
 from flows.extract import balanced_files_per_chunk, extract_features
+from mess_ai.audio import discover_audio
+from mess_ai.cli import print_summary
+from mess_ai.pipeline import RunSummary
 from mess_ai.reporting import artifact_key
 from mess_ai.store import FeatureStore
 from tests.helpers.audio import write_audio, write_empty, write_not_audio
@@ -62,7 +68,8 @@ def test_good_and_bad_files_complete_with_failures_artifact(tmp_path, tiny_model
     assert all(r["stage"] == "validate" and r["reason"] and r["attempts"] == 1 for r in failed)
 
     summary = {r["measure"]: r["value"] for r in table(latest_artifact(artifact_key("flowtest", "run-summary")))}
-    assert summary["done"] == 5 and summary["failed"] == 2 and summary["new or changed"] == 7
+    assert summary["done (extracted now)"] == 5 and summary["failed now"] == 2
+    assert summary["new or changed (needed work)"] == 7
     assert summary["audio extracted (hours)"] == pytest.approx(sum(3 + i for i in range(5)) / 3600, abs=1e-3)
     stages = {r["stage"]: r for r in table(latest_artifact(artifact_key("flowtest", "stage-times")))}
     assert stages["preprocess"]["files"] == 5 and stages["extract"]["files"] == 5
@@ -75,6 +82,64 @@ def test_good_and_bad_files_complete_with_failures_artifact(tmp_path, tiny_model
 
     again = run_flow(audio, tmp_path / "store", tiny_model, dataset="flowtest")
     assert again["model_loaded"] is False and again["unchanged"] == 5 and again["previously_failed"] == 2
+
+
+def test_every_file_found_is_accounted_for_with_the_same_numbers_everywhere(tmp_path, tiny_model, caplog):
+    """One run with a file of each kind: its result, its last log line, its run-summary, progress and stage-times
+    artifacts and the CLI's summary give the same numbers, and they add up to the files found."""
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    write_audio(audio / "before_ok.wav", seconds=2.0)
+    write_not_audio(audio / "before_bad.wav")
+    first = run_flow(audio, store, tiny_model, dataset="tally")
+    assert (first["done"], first["failed"]) == (1, 1)
+
+    write_audio(audio / "new.wav", seconds=2.0, frequency=300)
+    write_not_audio(audio / "new_bad.flac")
+    write_audio(audio / "held.wav", seconds=2.0, frequency=350)
+    write_audio(audio / "other_shard.wav", seconds=2.0, frequency=400)
+    found = discover_audio(audio)
+    holder = FeatureStore(store, "tally")
+    lock = holder.lock(next(s.track_id for s in found if s.relative == "held.wav"))
+    lock.acquire()  # another run is extracting held.wav right now
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="prefect.flow_runs"):
+            result = run_flow(audio, store, tiny_model, dataset="tally",
+                              files=[s.relative for s in found if s.relative != "other_shard.wav"])
+    finally:
+        lock.release()
+        holder.close()
+
+    expected = {"discovered": 6, "done": 1, "failed": 1, "unchanged": 1, "previously_failed": 1, "busy": 1,
+                "not_selected": 1, "left": 0}
+    assert {k: result[k] for k in expected} == expected
+    counts = RunSummary.from_dict(result).counts
+    assert sum(count for _, count in counts.categories()) == counts.discovered == len(found)
+    assert counts.new_or_changed == 3  # new.wav, new_bad.flac, held.wav
+    by_label = {"done (extracted now)": 1, "failed now": 1, "unchanged (skipped)": 1,
+                "failed before, same bytes (not retried)": 1, "busy (another run holds it)": 1, "not selected": 1}
+    sentence = " + ".join(f"{n} {label}" for label, n in by_label.items())
+
+    done_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Done: ")]
+    assert len(done_lines) == 1 and done_lines[0].startswith(f"Done: 6 found = {sentence}; ")
+
+    summary = {r["measure"]: r["value"] for r in table(latest_artifact(artifact_key("tally", "run-summary")))}
+    assert summary["audio files found"] == 6 and summary["new or changed (needed work)"] == 3
+    assert {label: summary[label] for label in by_label} == by_label
+    assert summary["left for the next run (stopped early)"] == 0
+    progress = latest_artifact(artifact_key("tally", "progress"))
+    assert float(progress.data) == 100.0
+    assert progress.description == f"6 of 6 files settled (6 found = {sentence})"
+    stages = {r["stage"]: r["files"] for r in table(latest_artifact(artifact_key("tally", "stage-times")))}
+    assert (stages["discover"], stages["validate"], stages["preprocess"], stages["extract"]) == (6, 3, 1, 1)
+
+    out = io.StringIO()
+    print_summary(RunSummary.from_dict(result), out)
+    printed = out.getvalue()
+    assert "6 audio files found" in printed
+    lines = dict(re.findall(r"^  ([^:\n]+(?:, [^:\n]+)?): +(\d+)$", printed, re.MULTILINE))
+    assert {label: int(lines[label]) for label in by_label} == by_label
+    assert int(lines["new or changed (needed work)"]) == 3
 
 
 def test_transient_failure_is_retried_and_succeeds(tmp_path, tiny_model, monkeypatch):
@@ -192,6 +257,12 @@ def test_only_failed_reruns_exactly_the_failed_files(tmp_path, tiny_model):
     result = run_flow(audio, tmp_path / "store", tiny_model, only_failed=True)
     touched = {o["relative_path"]: o["status"] for o in result["outcomes"]}
     assert touched == {"short1.wav": "done", "short2.wav": "failed"}
+    # The ok files were not selected: the summary still accounts for all five files found.
+    assert (result["discovered"], result["done"], result["failed"], result["not_selected"]) == (5, 1, 1, 3)
+    counts = RunSummary.from_dict(result).counts
+    assert sum(count for _, count in counts.categories()) == 5 and counts.new_or_changed == 2
+    summary = {r["measure"]: r["value"] for r in table(latest_artifact(artifact_key("audio", "run-summary")))}
+    assert (summary["audio files found"], summary["not selected"], summary["unchanged (skipped)"]) == (5, 3, 0)
     fs = FeatureStore(tmp_path / "store", "audio")
     rows = {r["relative_path"]: r["attempts"] for r in fs.manifest.rows("audio")}
     fs.close()

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import queue
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +22,7 @@ import deployments.watch
 from deployments.watch import describe_batch, watch
 from mess_ai.audio import discover_audio
 from mess_ai.errors import MessError
+from mess_ai.pipeline import ExtractConfig, run_extraction
 from mess_ai.store import FeatureStore
 from mess_ai.watcher import StableBatcher, watch_folder
 from tests.helpers.audio import write_audio
@@ -176,6 +182,27 @@ def test_only_audio_files_by_the_discovery_rules_count(tmp_path, root, clock):
     assert batcher.poll() == expected
 
 
+def test_files_there_at_start_are_told_apart_from_new_ones(root, clock):
+    batcher = batcher_for(root, clock)
+    write_audio(root / "old.wav", seconds=0.1)
+    copying = write_audio(root / "copying.wav", seconds=0.1)
+    arrived = write_audio(root / "arrived.wav", seconds=0.1)
+    batcher.feed({(Change.added, str(arrived))})  # came between the watch's start and its first scan
+    batcher.rescan(at_start=True)
+    clock.advance(0.5)
+    append(copying, bytes(100))  # still being copied when the watch began: it arrives, it is not old
+    assert batcher.poll() == []
+    clock.advance(STABLE)
+    batch = batcher.poll()
+    assert batch == ["arrived.wav", "copying.wav", "old.wav"]
+    assert batcher.found_at_start(batch) == ["old.wav"]
+    os.replace(write_audio(root.parent / "retake.wav", seconds=0.3), root / "old.wav")
+    batcher.feed({(Change.added, str(root / "old.wav"))})
+    clock.advance(STABLE)
+    batch = batcher.poll()
+    assert batch == ["old.wav"] and batcher.found_at_start(batch) == []
+
+
 def test_bad_arguments_are_rejected(root):
     with pytest.raises(ValueError, match=r"stable_seconds \(-1\)"):
         StableBatcher(root, stable_seconds=-1)
@@ -199,6 +226,15 @@ def test_describe_batch_names_at_most_three_files():
     assert describe_batch(["a.wav"]) == "1 new or changed recording is complete (a.wav)"
     assert describe_batch([f"{i}.wav" for i in range(5)]) == \
         "5 new or changed recordings are complete (0.wav, 1.wav, 2.wav and 2 more)"
+
+
+def test_describe_batch_does_not_call_the_files_found_at_start_new():
+    names = ["a.wav", "b.wav", "c.wav", "d.wav"]
+    assert describe_batch(names, names) == ("Found 4 recordings in the folder at start (a.wav, b.wav, c.wav and "
+                                            "1 more): one run picks up any that are new or changed")
+    assert describe_batch(["a.wav", "new.wav"], ["a.wav"]) == (
+        "Found 1 recording in the folder at start (a.wav) and 1 new or changed recording is complete (new.wav): "
+        "one run picks up any that are new or changed")
 
 
 # --- real watchfiles on a real folder ---------------------------------------------------------------------------
@@ -236,11 +272,11 @@ def test_watch_folder_reports_existing_files_then_each_change_once(tmp_path, roo
     write_audio(root / "before.wav", seconds=0.1)
     (tmp_path / "outside").mkdir()
     os.symlink(tmp_path / "outside", root / "linked_out")  # watchfiles follows it and reports what happens there
-    batches: list[list[str]] = []
+    batches: list[tuple[list[str], list[str]]] = []
     stop, done = threading.Event(), threading.Event()
 
-    def on_batch(folder, relative_paths):
-        batches.append(relative_paths)
+    def on_batch(folder, relative_paths, found_at_start):
+        batches.append((relative_paths, found_at_start))
         if len(batches) == 2:
             done.set()
 
@@ -253,7 +289,7 @@ def test_watch_folder_reports_existing_files_then_each_change_once(tmp_path, roo
     thread = run_in_background(act, stop, done, linger=0.8)
     watch_folder(root, on_batch, stable_seconds=0.3, debounce_seconds=0.2, stop_event=stop)
     thread.join()
-    assert batches == [["before.wav"], ["sub/new.flac"]]
+    assert batches == [(["before.wav"], ["before.wav"]), (["sub/new.flac"], [])]
 
 
 def test_periodic_rescan_finds_what_no_event_announced(root):
@@ -262,7 +298,8 @@ def test_periodic_rescan_finds_what_no_event_announced(root):
     stop, done = threading.Event(), threading.Event()
     started = time.monotonic()
 
-    def on_batch(folder, relative_paths):
+    def on_batch(folder, relative_paths, found_at_start):
+        assert found_at_start == []  # no scan at start: old.wav is found by a periodic rescan
         batches.append((time.monotonic() - started, relative_paths))
         done.set()
 
@@ -334,3 +371,53 @@ def test_each_batch_starts_one_run_of_the_deployment(tmp_path, root, monkeypatch
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
     assert len(runs) == 1
     assert runs[0].parameters == {"audio_dir": str(root), "store": str(tmp_path / "store"), "dataset": "dropbox"}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_watch_command_logs_with_times_and_calls_files_at_start_what_they_are(tmp_path, root, tiny_model,
+                                                                              prefect_api):
+    """`mess-ai watch --local` as a person runs it, on a folder whose recordings are extracted already."""
+    write_audio(root / "a.wav", seconds=2.0)
+    write_audio(root / "b.wav", seconds=2.0, frequency=300)
+    config = ExtractConfig(model=tiny_model, device="cpu")
+    assert run_extraction(root, tmp_path / "store", config=config).done == 2
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mess_ai.cli", "watch", str(root), "--local", "--store", str(tmp_path / "store"),
+         "--model", tiny_model, "--device", "cpu", "--stable-seconds", "0.3", "--debounce-seconds", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def wait_for(text: str, limit: float = 120.0) -> None:
+        deadline = time.monotonic() + limit
+        while not any(text in line for line in seen):
+            try:
+                seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                proc.kill()
+                raise AssertionError(f"no line with {text!r} in {limit} s:\n" + "\n".join(seen)) from None
+
+    try:
+        wait_for("Extraction finished")
+        write_audio(root / "c.wav", seconds=2.0, frequency=500)
+        wait_for("1 new or changed recording is complete (c.wav)")
+        wait_for("Extraction finished: 3 found")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ours = [line for line in seen if re.search(r"Watching|recording|Extraction finished", line)]
+    assert len(ours) == 5, "\n".join(seen)
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    assert all(re.match(stamp, line) for line in ours), "\n".join(ours)
+    messages = [re.sub(stamp, "", line) for line in ours]
+    assert messages[1] == ("Found 2 recordings in the folder at start (a.wav, b.wav): one run picks up any that are "
+                           "new or changed; extracting in this process")
+    assert messages[2] == ("Extraction finished: 2 found = 0 done (extracted now) + 0 failed now + 2 unchanged "
+                           "(skipped).")
+    assert messages[3] == "1 new or changed recording is complete (c.wav); extracting in this process"
+    assert messages[4] == ("Extraction finished: 3 found = 1 done (extracted now) + 0 failed now + 2 unchanged "
+                           "(skipped).")

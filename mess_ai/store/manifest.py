@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -123,11 +124,37 @@ def path_text(path: str) -> str:
 
 
 def _shown(url: str) -> str:
-    """The URL as logs may show it: without a password."""
+    """The URL as logs may show it: without a password (nor a ``password=`` in its query string)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return make_url(url).difference_update_query(["password"]).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: shown as given
         return url
+
+
+MANIFEST_URL_ENV = "MESS_AI_MANIFEST_URL"
+
+
+def resolve_manifest_url(parameter: str | None, secret: str | None = None,
+                         environ: Mapping[str, str] | None = None) -> str | None:
+    """The manifest URL a flow run uses: ``parameter`` (a flow parameter) when given, else ``secret`` (the value
+    of a Prefect Secret block), else ``$MESS_AI_MANIFEST_URL`` of this process (the worker's environment), else
+    None: the SQLite file in the store.
+
+    Prefect stores flow parameters in its database and shows them in the UI, so a parameter that carries a
+    password is refused: the password would be readable by everyone who can see the run."""
+    if parameter and secret:
+        raise ValueError("both manifest_url and manifest_secret are given: name the manifest by one of them")
+    if parameter:
+        url = make_url(parameter)
+        if url.password or "password" in url.query:
+            raise ValueError(
+                f"manifest_url {_shown(parameter)} carries a password, and flow parameters are stored by Prefect "
+                f"and shown in its UI: put the URL in the worker's environment as {MANIFEST_URL_ENV} or in a "
+                "Prefect Secret block named by manifest_secret, and leave manifest_url empty")
+        return parameter
+    if secret:
+        return secret
+    return (os.environ if environ is None else environ).get(MANIFEST_URL_ENV) or None
 
 
 def _database_errors(action: str) -> Callable[[F], F]:

@@ -1,0 +1,221 @@
+"""Unattended operation end to end, the README's way: `make server`, `make deploy`, `make worker`.
+
+The nightly cron is compressed to every 15 s (MESS_AI_NIGHTLY_CRON). Then, with no `run_deployment` shortcut: the
+server's scheduler creates the nightly runs and a worker executes them; a worker killed (with its flow-run
+process) in the middle of a night leaves a run that the heartbeat automation marks Crashed; a later night runs and
+completes with its artifacts; and the webhook receiver gets exactly one message per bad outcome (the dead night,
+the night with a broken recording, a run that failed) and none for clean nights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+import psutil
+import pytest
+
+from tests.helpers.audio import write_audio, write_not_audio
+from tests.helpers.prefect_server import PREFECT, REPO_ROOT, free_port, start, stop, wait_healthy
+from tests.helpers.webhook import webhook_receiver
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses make, process groups and /proc")
+
+NIGHT_SECONDS = 15
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+# Runs here last a few seconds, so one heartbeat (sent as a run starts) is all a live run sends before it ends:
+# 20 s without one means dead. A real deployment keeps the default of three heartbeats (180 s).
+ZOMBIE_SECONDS = 20
+
+
+def make(target: str, env: dict[str, str], port: int, timeout: float = 300) -> str:
+    proc = subprocess.run(["make", "--no-print-directory", target, f"PORT={port}"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"make {target} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def kill_tree(process: subprocess.Popen) -> list[int]:
+    """SIGKILL a process and everything under it at once, as when its machine dies."""
+    root = psutil.Process(process.pid)
+    victims = [root, *root.children(recursive=True)]
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    return [v.pid for v in victims]
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def events(api_url: str, resource_id: str, prefix: str) -> list[dict]:
+    body = json.dumps({"filter": {"any_resource": {"id": [resource_id]}, "event": {"prefix": [prefix]}},
+                       "limit": 50}).encode()
+    request = urllib.request.Request(f"{api_url}/events/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["events"]
+
+
+def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, tiny_model):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from mess_ai.store import FeatureStore
+
+    incoming, store = tmp_path / "incoming", tmp_path / "store"
+    for i in range(4):
+        write_audio(incoming / f"night1-{i}.wav", seconds=20.0, seed=i)
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "prefect"
+    home.mkdir()
+    with webhook_receiver() as (hook_url, received):
+        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   MESS_AI_INCOMING=str(incoming), MESS_AI_STORE=str(store), MESS_AI_MODEL=tiny_model,
+                   MESS_AI_TIMEZONE="Europe/Berlin", MESS_AI_CODE_DIR=str(REPO_ROOT),
+                   MESS_AI_NIGHTLY_CRON=f"* * * * * */{NIGHT_SECONDS}",
+                   MESS_AI_HEARTBEAT_SECONDS=str(HEARTBEAT_SECONDS), MESS_AI_ZOMBIE_SECONDS=str(ZOMBIE_SECONDS),
+                   MESS_AI_NOTIFY_URL=hook_url, PREFECT_WORKER_QUERY_SECONDS="2")
+        env.pop("PREFECT_API_URL", None)  # the Makefile points every target at HOST:PORT itself
+        server = start(["make", "--no-print-directory", "server", f"PORT={port}"], env, home / "server.log")
+        workers: list[subprocess.Popen] = []
+        try:
+            wait_healthy(api_url)
+            # The UI is told the API's real port (it used to look on 4200 whatever the port).
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
+                assert json.load(response)["api_url"] == api_url
+            deployed = make("deploy", env, port)
+            assert "notifications: POST to the URL in MESS_AI_NOTIFY_URL" in deployed
+            workers.append(start(["make", "--no-print-directory", "worker", f"PORT={port}"], env,
+                                 tmp_path / "worker-1.log"))
+
+            with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+                nightly = client.read_deployment_by_name("extract-features/nightly")
+                schedule = nightly.schedules[0].schedule
+                assert (schedule.cron, schedule.timezone) == (f"* * * * * */{NIGHT_SECONDS}", "Europe/Berlin")
+                manual = client.read_deployment_by_name("extract-features/manual")
+                assert not manual.schedules
+                described = manual.parameter_openapi_schema["properties"]
+                assert all(described[name].get("description") for name in ("audio_dir", "store", "gpu_limit"))
+
+                def nights():
+                    return client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly"])),
+                        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+
+                # 1. The scheduler creates the nights by itself (nothing here starts a run).
+                wait_until(lambda: len(nights()) >= 3, 60, "the scheduler to create nightly runs")
+
+                # 2. A worker picks the first night up; it is killed, with the run's process, mid-run (after the
+                # run's first heartbeat, which is what the server watches for).
+                def running_with_heartbeat():
+                    for run in nights():
+                        if run.state and run.state.is_running() and events(
+                                api_url, f"prefect.flow-run.{run.id}", "prefect.flow-run.heartbeat"):
+                            return run
+                    return None
+
+                night1 = wait_until(running_with_heartbeat, 120, "a night to run and send a heartbeat")
+                kill_tree(workers.pop())
+                killed_at = datetime.now(timezone.utc)
+                assert client.read_flow_run(night1.id).state.is_running()  # nothing told the server
+                workers.append(start(["make", "--no-print-directory", "worker", f"PORT={port}"], env,
+                                     tmp_path / "worker-2.log"))
+
+                # 3. The heartbeat automation marks the dead night Crashed.
+                crashed = wait_until(lambda: (s := client.read_flow_run(night1.id).state) and s.is_crashed() and s,
+                                     ZOMBIE_SECONDS + 90, "the dead night to be marked Crashed")
+                assert "No heartbeat" in crashed.message
+                # A broken recording arrives before the next night.
+                write_not_audio(incoming / "broken.wav")
+                write_audio(incoming / "night2.wav", seconds=8.0, seed=9)
+                marked_at = datetime.now(timezone.utc)
+
+                # 4. A later night runs and completes, with its artifacts: the dead one did not block it.
+                def completed_after_crash():
+                    for run in nights():
+                        if run.expected_start_time > marked_at and run.state and run.state.is_completed():
+                            return run
+                    return None
+
+                night2 = wait_until(completed_after_crash, 120, "a night after the crash to complete")
+                keys = {a.key for a in client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[night2.id])),
+                    flow_run_filter=FlowRunFilter(), limit=50)}
+                assert {f"mess-ai-incoming-{k}" for k in ("run-summary", "stage-times", "failed-files",
+                                                          "progress")} <= keys
+                # Nights due while the dead one still held the deployment's slot were cancelled by design.
+                for run in nights():
+                    if killed_at < run.expected_start_time < marked_at and run.state.is_cancelled():
+                        assert "concurrency limit" in (run.state.message or "")
+
+                # 5. A run that fails (its folder is gone).
+                out = subprocess.run([PREFECT, "--no-prompt", "deployment", "run", "extract-features/manual",
+                                      "--param", "audio_dir=/nonexistent/mess-ai"], env=dict(env, PREFECT_API_URL=api_url),
+                                     cwd=REPO_ROOT, capture_output=True, text=True, timeout=120).stdout
+                failed_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+                wait_until(lambda: client.read_flow_run(failed_id).state.is_failed(), 120,
+                           "the manual run to fail")
+
+                # 6. One message per bad outcome, none for clean nights.
+                expected = {str(night1.id): "dead", str(night2.id): "files-failed", failed_id: "failed"}
+                for run_id, outcome in expected.items():
+                    assert received.wait_for(lambda m, r=run_id: m.get("flow_run_id") == r, 90), (
+                        f"no {outcome} message for {run_id}; got {received.snapshot()}")
+                time.sleep(15)  # a duplicate would come within the notification window
+                messages = received.snapshot()
+                by_run = {}
+                for message in messages:
+                    by_run.setdefault(message.get("flow_run_id"), []).append(message.get("outcome"))
+                assert by_run == {run_id: [outcome] for run_id, outcome in expected.items()}, messages
+                files_failed = next(m for m in messages if m["outcome"] == "files-failed")
+                assert "broken.wav" in files_failed["text"]
+
+                # 7. Nothing left Running or Pending; every good file done once, the broken one failed.
+                runs = client.read_flow_runs(limit=200)
+                assert not [r.name for r in runs if r.state and (r.state.is_running() or r.state.is_pending())]
+            feature_store = FeatureStore(store, "incoming")
+            try:
+                rows = feature_store.manifest.rows_by_track("incoming")
+            finally:
+                feature_store.close()
+            statuses = {row["relative_path"]: (row["status"], row["attempts"]) for row in rows.values()}
+            assert statuses["broken.wav"][0] == "failed"
+            assert all(status == "done" for path, (status, _) in statuses.items() if path != "broken.wav")
+            assert len(statuses) == 6
+
+            # 8. Without MESS_AI_NOTIFY_URL, `make deploy` removes the notifications: nothing is sent.
+            quiet = make("deploy", dict(env, MESS_AI_NOTIFY_URL=""), port)
+            assert "notifications: none" in quiet
+            with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+                names = {a.name for a in client.read_automations()}
+            assert names == {"mess-ai: mark runs without heartbeats as Crashed"}
+        finally:
+            for worker in workers:
+                stop(worker)
+            stop(server)
