@@ -12,6 +12,7 @@ from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
 from mess_ai.audio import WindowSpec
+from mess_ai.deadline import Deadline, StageTimeout, TimeLimits
 from mess_ai.features.model import DEFAULT_MODEL, resolve_device
 from mess_ai.monitoring import ResourceMonitor
 from mess_ai.pipeline import ExtractConfig, ExtractionSession, chunk_sources
@@ -55,6 +56,10 @@ def extract_features(
     manifest_url: str | None = None,
     manifest_secret: str | None = None,
     trust_remote_code: bool = False,
+    time_limit_base_seconds: float = 600.0,
+    time_limit_per_audio_second: float = 2.0,
+    chunk_time_limit_seconds: float | None = None,
+    run_time_limit_hours: float | None = None,
 ) -> dict[str, Any]:
     """Extract MERT-v1 embeddings for every new or changed recording under a folder.
 
@@ -89,6 +94,13 @@ def extract_features(
         manifest_secret: Name of a Prefect Secret block holding the manifest URL (a URL with a password goes
             there or in the worker's MESS_AI_MANIFEST_URL); empty for none.
         trust_remote_code: Let a non-MERT hub model run its own code.
+        time_limit_base_seconds: Time limits: every stage (listing, planning, validating, each chunk, the final
+            check) may take this long, plus 1 s per file; a chunk also 2 s (the next setting) per second of audio.
+            A stage past its limit stops the run (Failed, with what it was stuck on); a file it was stuck on is
+            recorded as failed.
+        time_limit_per_audio_second: A chunk's time limit per second of audio in it (headers' durations).
+        chunk_time_limit_seconds: A fixed time limit per chunk instead of the derived one; empty: derived.
+        run_time_limit_hours: The whole run's time limit; empty: its stages' limits added up.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -101,24 +113,39 @@ def extract_features(
     monitor = ResourceMonitor(resolve_device(device))
     session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
                                 manifest_url=url, monitor=monitor)
+    limits = TimeLimits(base_seconds=time_limit_base_seconds, seconds_per_audio_second=time_limit_per_audio_second,
+                        chunk_seconds=chunk_time_limit_seconds,
+                        run_seconds=run_time_limit_hours * 3600 if run_time_limit_hours else None)
     chunk_task = process_chunk.with_options(
         retries=retries, retry_delay_seconds=[retry_delay_seconds * 2 ** i for i in range(retries)])
+    stopped: BaseException | None = None
+    problems: list[str] = []
     try:
         with monitor:
-            pending = discover_files(quote(session), audio_dir, only_failed, files)
-            valid = validate_files(quote(session), pending) if pending else []
+            pending = discover_files(quote(session), audio_dir, only_failed, files, limits)
+            valid = _validate(session, pending, limits) if pending else []
             if valid:
                 if gpu_limit:
                     ensure_concurrency_limit(gpu_limit, gpu_slots)
-                _extract_chunks(session, chunk_task, chunk_sources(
-                    valid, balanced_files_per_chunk(len(valid), files_per_task),
-                    minutes_per_task * 60 if minutes_per_task else None, session.durations),
-                    GpuSlot(gpu_limit))
-            problems = check_integrity(quote(session))
+                chunks = chunk_sources(valid, balanced_files_per_chunk(len(valid), files_per_task),
+                                       minutes_per_task * 60 if minutes_per_task else None, session.durations)
+                chunk_limits = [limits.chunk(sum(session.durations.get(s.track_id, 0.0) for s in chunk), len(chunk))
+                                for chunk in chunks]
+                run_limit = limits.run(chunk_limits, session.discovered)
+                logger.info("Time limits: %s per chunk, %.1f h for the run.",
+                            ", ".join(f"{c:.0f} s" for c in chunk_limits[:4]) + (" ..." if len(chunks) > 4 else ""),
+                            run_limit / 3600)
+                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), GpuSlot(gpu_limit),
+                                          Deadline(run_limit - (time.perf_counter() - started)))
+            if stopped is None:
+                problems = check_integrity(quote(session), limits)
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
         publish_run_artifacts(summary, session.store)
     finally:
         session.close()
+    if stopped is not None:
+        logger.error("The run stopped: %s. %s.", stopped, summary.counts.describe())
+        raise stopped
     logger.info("Done: %s; %.2f h of audio in %.1f s.", summary.counts.describe(), summary.audio_seconds / 3600,
                 summary.wall_seconds)
     result = summary.to_dict()
@@ -141,39 +168,70 @@ def balanced_files_per_chunk(files: int, files_per_task: int) -> int:
     return max(1, -(-files // chunks))
 
 
-def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list, slot: GpuSlot) -> None:
+def _validate(session: ExtractionSession, pending: list, limits: TimeLimits) -> list:
+    try:
+        return validate_files(quote(session), pending, limits)
+    except StageTimeout as timeout:
+        _record_timeout(session, timeout, pending)
+        raise
+
+
+def _record_timeout(session: ExtractionSession, timeout: StageTimeout, sources: list) -> None:
+    """The file a stage was stuck on, when it was one file of ``sources``, is recorded as failed."""
+    stuck = next((s for s in sources if s.track_id == timeout.track_id), None)
+    if stuck is not None and timeout.track_id not in session.outcomes:
+        session.record_timeout(timeout, stuck)
+
+
+def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tuple[list, float]], slot: GpuSlot,
+                    deadline: Deadline) -> BaseException | None:
     """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at
     most two chunks of decoded audio whatever the number of files. The run's GPU slot is taken as the first
-    chunks start decoding, and given back after the last chunk."""
+    chunks start decoding, and given back after the last chunk, or when the run stops.
+
+    Returns what stopped the run (the model or store unusable, a chunk or the run past its time limit), or None.
+    A chunk past its limit records the file it was stuck on as failed; no chunk starts after that, the chunks in
+    flight finish, and the files not reached are left for the next run.
+    """
     logger = get_run_logger()
-    in_flight: list[tuple[PrefectFuture, int]] = []
+    in_flight: list[tuple[PrefectFuture, list, float]] = []
     fatal: BaseException | None = None
 
-    def settle(future: PrefectFuture, size: int) -> None:
+    def settle(future: PrefectFuture, chunk: list, limit: float) -> None:
         nonlocal fatal
-        future.wait()
-        if future.state.is_failed():
+        # The chunk ends within its limit (a stuck one raises StageTimeout); this bound is the last resort, for a
+        # task that never started its work (the API unreachable, say).
+        future.wait(timeout=max(1.0, min(limit, deadline.remaining())) + _GRACE_SECONDS)
+        if future.state is None or not future.state.is_final():
+            fatal = fatal or StageTimeout("a chunk", limit, "waiting for its task to finish")
+        elif future.state.is_failed():
             error = future.state.result(raise_on_failure=False)
             if isinstance(error, TransientFileErrors):
                 logger.warning("Giving up on %d files after their last retry; they are recorded as failed.",
                                len(error.outcomes))
             else:
-                fatal = fatal or error  # the run cannot work at all (model, store): the flow fails
+                if isinstance(error, StageTimeout):
+                    _record_timeout(session, error, chunk)
+                fatal = fatal or error  # the run cannot go on: the flow fails
         update_progress(progress_id, session.counts())
 
     slot.take()  # before any API call of our own: the API is slow to grant it while it records task runs
     try:
         progress_id = start_progress(session.store.dataset, session.counts())
-        for index, chunk in enumerate(chunks):
+        for index, (chunk, limit) in enumerate(chunks):
             if len(in_flight) == 2:
                 settle(*in_flight.pop(0))
+            if fatal is None and deadline.passed():
+                fatal = StageTimeout("the run", deadline.seconds, f"after {index} of {len(chunks)} chunks")
             if fatal is not None:
                 break
-            in_flight.append((chunk_task.submit(quote(session), chunk, quote(slot), index, len(chunks)),
-                              len(chunk)))
-        for future, size in in_flight:
-            settle(future, size)
+            in_flight.append((chunk_task.submit(quote(session), chunk, quote(slot), index, len(chunks), limit),
+                              chunk, limit))
+        for future, chunk, limit in in_flight:
+            settle(future, chunk, limit)
     finally:
         slot.release()
-    if fatal is not None:
-        raise fatal
+    return fatal
+
+
+_GRACE_SECONDS = 60.0

@@ -27,17 +27,20 @@ import numpy as np
 import mess_ai
 from mess_ai import progress as progress_events
 from mess_ai.audio import AudioSource, WindowSpec, discover_audio, load_mono, probe_audio, window_bounds
+from mess_ai.deadline import Activity, StageTimeout
 from mess_ai.errors import InputError, MessError, TrackBusyError
 from mess_ai.features.extractor import Extractor, TrackJob, resolve_precision
 from mess_ai.features.model import DEFAULT_MODEL, LoadedModel, get_model, model_fingerprint, resolve_device
 from mess_ai.monitoring import ResourceMonitor
-from mess_ai.store import DONE, FAILED, ExpectedShapes, FeatureStore
+from mess_ai.store import DONE, FAILED, PENDING, ExpectedShapes, FeatureStore
 from mess_ai.store.integrity import IntegrityReport, check_dataset
 from mess_ai.store.keys import FEATURE_FORMAT_VERSION, config_key, sha256_file
 
 log = logging.getLogger(__name__)
 
 STAGES = ("discover", "validate", "preprocess", "extract", "write", "integrity")
+# Attempts that ended in a time-out before a file counts as failed for good (until its bytes change).
+TIMEOUTS_BEFORE_GIVING_UP = 3
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,8 @@ class ExtractionSession:
         self.durations: dict[str, float] = {}
         self.model_loader = model_loader
         self.monitor = monitor
+        # What each thread is doing now, for the message of a stage that ran past its time limit.
+        self.activity = Activity()
         self.stage_seconds = {s: 0.0 for s in STAGES}
         self.stage_files = {s: 0 for s in STAGES}
         self.stage_audio_seconds = {s: 0.0 for s in STAGES}
@@ -440,6 +445,7 @@ class ExtractionSession:
                     else:
                         not_selected += 1
                     continue
+                self.activity.set(f"checking whether {source.relative} changed")
                 settled = self._settled(source, row, provenance)
                 if settled is None:
                     pending.append(source)
@@ -505,6 +511,34 @@ class ExtractionSession:
                                  type(exc).__name__, reason, track.attempts, track.duration_seconds or None,
                                  seconds, permanent))
 
+    def record_timeout(self, timeout: StageTimeout, source: AudioSource) -> FileOutcome:
+        """Record ``source``, the file a stage was stuck on, as failed with the time-out as the reason.
+
+        Its thread is still stuck and holds the track's lock, so the lock is left alone: the run stops and its
+        process ends, and the next run takes over the lock of a dead process. Retried on the next runs, like any
+        I/O trouble; a file whose decoding hung ``TIMEOUTS_BEFORE_GIVING_UP`` times (same bytes) is a permanent
+        failure until it changes, so one file cannot stop every night.
+        """
+        stage = timeout.stage or "preprocess"
+        row = self.store.manifest.get(self.store.dataset, source.track_id)
+        if row is not None and row["status"] == PENDING and row["config_key"] == self.key:
+            attempts = row["attempts"]  # its attempt was recorded (with its bytes' hash) before it got stuck
+        else:  # stuck before that, e.g. reading the bytes to hash them: an attempt of unknown bytes
+            attempts = self.store.manifest.begin_attempt(
+                self.store.dataset, source.track_id, source_path=str(source.path), relative_path=source.relative,
+                size=None, mtime_ns=None, sha256=None, config_key=self.key)
+        permanent = attempts >= TIMEOUTS_BEFORE_GIVING_UP
+        reason = (f"timed out: {timeout.what} was stuck {timeout.doing} for {timeout.seconds:.0f} s (attempt "
+                  f"{attempts}; " + ("not retried until the file changes)" if permanent else "retried next run)"))
+        self.store.manifest.mark_failed(self.store.dataset, source.track_id, stage=stage,
+                                        error_class="StageTimeout", message=reason, permanent=permanent,
+                                        seconds_spent=timeout.seconds, duration_seconds=None)
+        log.warning("%s failed at %s: %s", source.relative, stage, reason)
+        outcome = FileOutcome(source.track_id, source.relative, "failed", stage, "StageTimeout", reason, attempts,
+                              permanent=permanent)
+        self._record(outcome)
+        return outcome
+
     def validate(self, sources: list[AudioSource]) -> list[AudioSource]:
         """Header checks; files that fail are recorded (an attempt each) and left out of the result.
 
@@ -517,6 +551,7 @@ class ExtractionSession:
         with self._stage("validate", files=len(sources)):
             for source in sources:
                 try:
+                    self.activity.set(f"reading the header of {source.relative}", source.track_id, "validate")
                     info = probe_audio(source.path, self.config.window.min_duration_seconds)
                 except InputError as exc:
                     error: BaseException = exc
@@ -559,6 +594,7 @@ class ExtractionSession:
             status = "unchanged" if row and row["status"] == DONE else "previously_failed"
             self._record(FileOutcome(source.track_id, source.relative, status), announce=False)
             return None
+        self.activity.set(f"reading and decoding {source.relative}", source.track_id, "preprocess")
         track, hash_error = self._begin(source, lock)
         if hash_error is not None:
             self._fail(track, "preprocess", hash_error)
@@ -629,6 +665,9 @@ class ExtractionSession:
         """
         outcomes = []
         taken: list[TrackJob] = []
+        names = [job.context.source.relative for job in jobs] if isinstance(jobs, (list, tuple)) else []
+        model_work = "running the model" + (f" on {', '.join(names[:3])}" if names else "") + (
+            f" and {len(names) - 3} more" if len(names) > 3 else "")
 
         def take() -> Iterator[TrackJob]:
             for job in jobs:
@@ -637,14 +676,17 @@ class ExtractionSession:
 
         try:
             self.model()
+            self.activity.set("waiting for the model (the run's GPU slot, or another chunk's model work)")
             with slot():
                 started_wall = time.time()
                 before = self._extractor.stats.model_seconds
                 try:
                     with self.monitor.stage("extract") if self.monitor else contextlib.nullcontext():
                         on_raw = self._on_raw if self.config.keep_raw else None
+                        self.activity.set(model_work)
                         for job in self._extractor.run(take(), on_raw=on_raw):
                             outcomes.append(self._finish(job))
+                            self.activity.set(model_work)
                 finally:
                     with self._lock:
                         self.model_work.append((started_wall, time.time()))
@@ -674,6 +716,7 @@ class ExtractionSession:
             self._fail(track, "extract", job.error)
             return self.outcomes[job.track_id]
         try:
+            self.activity.set(f"writing the features of {track.source.relative}", job.track_id, "write")
             with self._stage("write", files=1, audio_seconds=track.duration_seconds):
                 segments = job.segments
                 if not np.isfinite(segments).all():
@@ -704,6 +747,7 @@ class ExtractionSession:
         """Structural integrity of the whole dataset (files, shapes, orphans, temporary files)."""
         with self._stage("integrity"):
             report = IntegrityReport()
+            self.activity.set(f"checking the store {self.store.root}")
             check_dataset(self.store, report, check_values=False)
         return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
 

@@ -19,6 +19,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from mess_ai.audio import AudioSource
+from mess_ai.deadline import TimeLimits, run_within
 from mess_ai.errors import InputError, MessError, TrackBusyError
 from mess_ai.features.extractor import TrackJob
 from mess_ai.pipeline import ExtractionSession, FileOutcome
@@ -173,21 +174,26 @@ class GpuSlot:
 
 @task(name="discover-files", cache_policy=NO_CACHE)
 def discover_files(session: ExtractionSession, audio_dir: str, only_failed: bool,
-                   files: list[str] | None = None) -> list[AudioSource]:
+                   files: list[str] | None = None, limits: TimeLimits = TimeLimits()) -> list[AudioSource]:
     """Find audio files and keep the new or changed ones (or, with ``only_failed``, the failed ones); with
-    ``files``, only those (paths relative to ``audio_dir``)."""
+    ``files``, only those (paths relative to ``audio_dir``). Listing and planning each end within their limit."""
     logger = get_run_logger()
-    sources = session.discover(audio_dir)
-    pending = session.plan(sources, only_failed, files)
+    session.activity.set(f"listing {audio_dir}")
+    sources = run_within(lambda: session.discover(audio_dir), limits.stage(0), "listing the audio folder",
+                         session.activity)
+    pending = run_within(lambda: session.plan(sources, only_failed, files), limits.stage(len(sources)),
+                         "planning (which files are new or changed)", session.activity)
     logger.info("Found %d audio files in %s: %d to extract (%s).", len(sources), audio_dir, len(pending),
                 session.counts().describe(finished=False))
     return pending
 
 
 @task(name="validate-files", cache_policy=NO_CACHE)
-def validate_files(session: ExtractionSession, sources: list[AudioSource]) -> list[AudioSource]:
+def validate_files(session: ExtractionSession, sources: list[AudioSource],
+                   limits: TimeLimits = TimeLimits()) -> list[AudioSource]:
     """Check headers; unusable files are recorded as failed with the reason, the rest go on."""
-    valid = session.validate(sources)
+    valid = run_within(lambda: session.validate(sources), limits.stage(len(sources)), "validating the headers",
+                       session.activity)
     if len(valid) < len(sources):
         get_run_logger().warning("%d of %d files are not usable audio (see the failed-files artifact).",
                                  len(sources) - len(valid), len(sources))
@@ -215,27 +221,35 @@ def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], slot: G
 @task(name="process-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=10,
       retry_jitter_factor=0.5, retry_condition_fn=is_transient)
 def process_chunk(session: ExtractionSession, sources: list[AudioSource], slot: GpuSlot,
-                  index: int, total: int) -> list[FileOutcome]:
-    """One chunk of files: preprocess, then extract. A retry redoes only the files not settled yet."""
+                  index: int, total: int, seconds: float | None = None) -> list[FileOutcome]:
+    """One chunk of files: preprocess, then extract, within ``seconds`` (none: no limit). A retry redoes only the
+    files not settled yet. A chunk past its limit raises ``StageTimeout`` naming what it was stuck on (not
+    retried: the stuck work still holds its files)."""
     logger = get_run_logger()
-    sources = session.still_pending(sources)
-    logger.info("Chunk %d of %d: %d files to extract.", index + 1, total, len(sources))
-    if not sources:
-        return []
-    jobs = preprocess_files(session, sources)
-    outcomes = extract_embeddings(session, jobs, slot) if jobs else []
-    ids = {s.track_id for s in sources}
-    transient = [o for o in session.outcomes.values()
-                 if o.track_id in ids and o.status == "failed" and not o.permanent]
-    if transient:
-        raise TransientFileErrors(transient)
-    return outcomes
+
+    def work() -> list[FileOutcome]:
+        pending = session.still_pending(sources)
+        logger.info("Chunk %d of %d: %d files to extract.", index + 1, total, len(pending))
+        if not pending:
+            return []
+        jobs = preprocess_files(session, pending)
+        outcomes = extract_embeddings(session, jobs, slot) if jobs else []
+        ids = {s.track_id for s in pending}
+        transient = [o for o in session.outcomes.values()
+                     if o.track_id in ids and o.status == "failed" and not o.permanent]
+        if transient:
+            raise TransientFileErrors(transient)
+        return outcomes
+
+    return work() if seconds is None else run_within(work, seconds, f"chunk {index + 1} of {total}",
+                                                     session.activity)
 
 
 @task(name="check-integrity", cache_policy=NO_CACHE)
-def check_integrity(session: ExtractionSession) -> list[str]:
+def check_integrity(session: ExtractionSession, limits: TimeLimits = TimeLimits()) -> list[str]:
     """Structural check of the whole dataset: every done track has its files with the right shapes."""
-    problems = session.check()
+    problems = run_within(session.check, limits.stage(session.discovered), "checking the store",
+                          session.activity)
     logger = get_run_logger()
     if problems:
         logger.error("The store has %d problems: %s", len(problems), "; ".join(problems[:5]))

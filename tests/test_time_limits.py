@@ -1,0 +1,149 @@
+"""Time limits: a read that blocks or a model call that never returns ends the run, Failed, in bounded time; the
+file it was stuck on is recorded with the reason, and the GPU slot is given back."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from mess_ai.deadline import Activity, Deadline, StageTimeout, TimeLimits, run_within
+from mess_ai.store import FeatureStore
+from tests.helpers.audio import write_audio
+
+
+def unblock_fifo(path) -> None:
+    """Let a reader stuck opening ``path`` go (it then reads end-of-file)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # nobody is waiting on it any more
+
+
+def test_run_within_returns_the_result_or_the_error():
+    assert run_within(lambda: 42, 5, "answer") == 42
+    with pytest.raises(ZeroDivisionError):
+        run_within(lambda: 1 / 0, 5, "division")
+    with pytest.raises(ValueError, match="positive"):
+        run_within(lambda: 1, 0, "nothing")
+
+
+def test_a_call_stuck_in_c_code_times_out_naming_what_it_was_doing(tmp_path):
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    activity = Activity()
+
+    def read():
+        activity.set(f"reading {fifo.name}", "pipe", "preprocess")
+        with open(fifo, "rb") as stream:  # blocks in open(2) until a writer comes: no bytecode runs meanwhile
+            return stream.read()
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(StageTimeout) as caught:
+            run_within(read, 0.5, "chunk 1 of 1", activity)
+        assert time.monotonic() - started < 5
+        assert (caught.value.doing, caught.value.track_id, caught.value.stage) == ("reading pipe.wav", "pipe",
+                                                                                   "preprocess")
+        assert str(caught.value) == "chunk 1 of 1 did not finish within its time limit of 0 s (stuck reading pipe.wav)"
+    finally:
+        unblock_fifo(fifo)
+
+
+def test_time_limits_are_derived_from_the_work():
+    limits = TimeLimits(base_seconds=100, seconds_per_audio_second=2, seconds_per_file=1)
+    assert limits.chunk(audio_seconds=3600, files=10) == 100 + 7200 + 10
+    assert limits.stage(files=50) == 150
+    assert limits.run([10.0, 20.0], files=50) == 3 * 150 + 30
+    assert TimeLimits(chunk_seconds=7).chunk(3600, 10) == 7
+    assert TimeLimits(run_seconds=60).run([1e6], 10) == 60
+    with pytest.raises(ValueError, match="base_seconds"):
+        TimeLimits(base_seconds=0)
+    clock = iter([0.0, 4.0, 11.0])
+    deadline = Deadline(10, clock=lambda: next(clock))
+    assert deadline.remaining() == 6 and deadline.passed()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_file_whose_read_blocks_fails_the_run_in_bounded_time_and_frees_the_gpu_slot(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    import mess_ai.pipeline
+    from flows.extract import extract_features
+
+    audio = tmp_path / "audio"
+    for name in ("a.wav", "b.wav", "c.wav", "d.wav"):
+        write_audio(audio / name, seconds=3.0)
+    stuck = audio / "b.wav"
+    validate = mess_ai.pipeline.ExtractionSession.validate
+
+    def validate_then_swap(self, sources):
+        # b.wav passes validation, then is replaced by a FIFO (a file on a mount that stops answering reads
+        # behaves the same): reading it blocks in C code forever.
+        valid = validate(self, sources)
+        stuck.unlink()
+        os.mkfifo(stuck)
+        return valid
+
+    monkeypatch.setattr(mess_ai.pipeline.ExtractionSession, "validate", validate_then_swap)
+    limit = "gpu-time-limit-test"
+    started = time.monotonic()
+    try:
+        state = extract_features(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
+                                 device="cpu", files_per_task=2, gpu_limit=limit, chunk_time_limit_seconds=4,
+                                 return_state=True)
+        took = time.monotonic() - started
+    finally:
+        unblock_fifo(stuck)
+    assert state.is_failed()
+    assert "chunk 1 of 2 did not finish within its time limit of 4 s" in state.message
+    assert "b.wav" in state.message
+    assert took < 60
+    fs = FeatureStore(tmp_path / "store", "audio")
+    try:
+        rows = {r["relative_path"]: r for r in fs.manifest.rows_by_track("audio").values()}
+    finally:
+        fs.close()
+    assert rows["b.wav"]["status"] == "failed" and rows["b.wav"]["error_class"] == "StageTimeout"
+    assert "stuck reading and decoding b.wav for 4 s" in rows["b.wav"]["error_message"]
+    assert not rows["b.wav"]["permanent"]  # retried on the next runs (given up after 3 time-outs)
+    assert rows["c.wav"]["status"] == "done" and rows["d.wav"]["status"] == "done"  # the other chunk finished
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tmp_path, tiny_model, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    import mess_ai.features.extractor
+    from flows.extract import extract_features
+
+    audio = tmp_path / "audio"
+    for name in ("a.wav", "b.wav"):
+        write_audio(audio / name, seconds=3.0)
+    never = threading.Event()
+    # A forward pass that never returns (a wedged GPU driver call): the thread waits in C, uninterruptible.
+    monkeypatch.setattr(mess_ai.features.extractor.Extractor, "_forward", lambda self, windows: never.wait())
+    limit = "gpu-time-limit-model-test"
+    try:
+        state = extract_features(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
+                                 device="cpu", files_per_task=1, gpu_limit=limit, chunk_time_limit_seconds=4,
+                                 return_state=True)
+        with get_client(sync_client=True) as client:
+            active = client.read_global_concurrency_limit_by_name(limit).active_slots
+        fs = FeatureStore(tmp_path / "store", "audio")
+        try:
+            statuses = {r["relative_path"]: r["status"] for r in fs.manifest.rows_by_track("audio").values()}
+        finally:
+            fs.close()
+    finally:
+        never.set()
+    assert state.is_failed()
+    assert "did not finish within its time limit of 4 s (stuck running the model on a.wav)" in state.message
+    assert active == 0
+    # The model is stuck, not a file: nothing is blamed, both files are left for the next run.
+    assert statuses == {"a.wav": "pending", "b.wav": "pending"}
