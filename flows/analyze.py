@@ -22,6 +22,7 @@ def analyze_store(
     baseline: bool = True,
     manifest_url: str | None = None,
     manifest_secret: str | None = None,
+    time_limit_minutes: float = 60.0,
 ) -> dict[str, Any]:
     """Analyse the embeddings of one dataset of a store: clusters, outliers, near-duplicates, dimension, diversity.
 
@@ -37,8 +38,9 @@ def analyze_store(
             SQLite file in the store.
         manifest_secret: Name of a Prefect Secret block holding the manifest URL (a URL with a password goes
             there or in the worker's MESS_AI_MANIFEST_URL); empty for none.
+        time_limit_minutes: The analysis stops (Failed) if it takes longer than this.
     """
     report = analyze_embeddings(store, dataset, labels_csv, n_clusters, random_state, baseline,
-                                manifest_url_of_run(manifest_url, manifest_secret))
+                                manifest_url_of_run(manifest_url, manifest_secret), time_limit_minutes * 60)
     publish_analysis_artifacts(report)
     return report

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from mess_ai.deadline import Deadline, StageTimeout, TimeLimits
 from mess_ai.features.model import DEFAULT_MODEL
 from mess_ai.pipeline import ExtractConfig, ExtractionSession
 from mess_ai.store import DONE, FAILED
@@ -47,6 +48,7 @@ def extract_sharded(
     manifest_url: str | None = None,
     manifest_secret: str | None = None,
     poll_seconds: float = 5.0,
+    run_time_limit_hours: float | None = None,
 ) -> dict[str, Any]:
     """Split new or changed recordings into shards, each extracted by a child flow run on the work pool.
 
@@ -63,6 +65,8 @@ def extract_sharded(
         manifest_secret: Name of a Prefect Secret block holding the manifest URL; empty for none. The shard runs
             get the two parameters as given, never a URL read from the secret or the environment.
         poll_seconds: How often to check on the child runs.
+        run_time_limit_hours: How long to wait for the shards; empty: derived from the files' sizes (a shard's
+            own time limits end it sooner: see extract-features).
     """
     logger = get_run_logger()
     dataset = dataset or Path(audio_dir).absolute().name
@@ -78,7 +82,8 @@ def extract_sharded(
     runs = [run_deployment(deployment, timeout=0, parameters={
         "audio_dir": audio_dir, "store": store, "dataset": dataset, "model": model, "files": part,
         "manifest_url": manifest_url, "manifest_secret": manifest_secret}) for part in parts]
-    states = _wait(runs, poll_seconds)
+    limit = run_time_limit_hours * 3600 if run_time_limit_hours else _shards_limit(sum(sizes.values()), len(sizes))
+    states = _wait(runs, poll_seconds, Deadline(limit))
     session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=url)
     try:
         rows = {r["relative_path"]: r["status"] for r in session.store.manifest.rows(dataset)}
@@ -97,11 +102,25 @@ def extract_sharded(
     return result
 
 
-def _wait(runs: list, poll_seconds: float) -> list[str]:
-    """The final state of each child run, waiting for all of them."""
+# Compressed audio can hold a second in as little as this many bytes (64 kbit/s): sizes give an upper bound of
+# the audio seconds, hence of the time the shards may need.
+_MIN_BYTES_PER_AUDIO_SECOND = 8000
+
+
+def _shards_limit(total_bytes: int, files: int) -> float:
+    """The shards' time limits (see ``TimeLimits``) for at most this much audio, one shard after the other."""
+    limits = TimeLimits()
+    return limits.run([limits.chunk(total_bytes / _MIN_BYTES_PER_AUDIO_SECOND, files)], files)
+
+
+def _wait(runs: list, poll_seconds: float, deadline: Deadline) -> list[str]:
+    """The final state of each child run, waiting for all of them until ``deadline``."""
     final: dict[Any, str] = {}
     with get_client(sync_client=True) as client:
         while len(final) < len(runs):
+            if deadline.passed():
+                raise StageTimeout("the shard runs", deadline.seconds,
+                                   f"waiting for {len(runs) - len(final)} of {len(runs)} to finish")
             for run in runs:
                 if run.id not in final:
                     state = client.read_flow_run(run.id).state
