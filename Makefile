@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench soak server deploy worker watch serve e2e-scale clean
+.PHONY: install test demo bench soak soak-nightly server deploy worker watch serve e2e-scale clean
 
 # Operations (see docs/operations.md). The server listens on loopback only; the paths are defaults for one machine.
 HOST ?= 127.0.0.1
@@ -53,6 +53,10 @@ bench: install
 soak: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak tests/reliability $(PYTEST_ARGS)
 
+# A compressed month of scheduled nights (30, every 20 s) with workers killed and the server restarted (~15 min).
+soak-nightly: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak_nightly tests/reliability/test_soak_nightly.py $(PYTEST_ARGS)
+
 # A Prefect server on SQLite (in ~/.prefect unless PREFECT_HOME says otherwise), UI at http://$(HOST):$(PORT).
 # Concurrency leases (the `gpu` limit's slots) are kept on disk, not in the server's memory: a slot held when the
 # server dies is then expired after a restart instead of staying taken forever (docs/reliability.md).
@@ -69,13 +73,14 @@ deploy: install
 	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process --overwrite
 	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
 	PREFECT_API_URL=$(API) $(BIN)/python -m deployments.automations
+	@echo "The prefect CLI needs to be told where this server is: export PREFECT_API_URL=$(API)"
 
 worker: install
 	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL) --limit $(WORKER_LIMIT)
 
 # Or, on one machine without a worker: every deployment served from one process.
 serve: install
-	PREFECT_API_URL=$(API) $(BIN)/mess-ai serve
+	PREFECT_API_URL=$(API) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$(MESS_AI_HEARTBEAT_SECONDS) $(BIN)/mess-ai serve
 
 watch: install
 	mkdir -p "$(MESS_AI_INCOMING)"

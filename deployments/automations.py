@@ -38,9 +38,13 @@ DEFAULT_HEARTBEAT_SECONDS = 60
 DEFAULT_ZOMBIE_SECONDS = 3 * DEFAULT_HEARTBEAT_SECONDS
 
 _OUR_RUNS = {"prefect.resource.id": f"prefect.tag.{TAG}", "prefect.resource.role": "tag"}
-# A run is alive while it sends heartbeats, and done once it said how it ended (or Prefect did).
-_SIGNS_OF_LIFE = {"prefect.flow-run.heartbeat", f"{EVENT_PREFIX}*",
-                  *(f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed"))}
+# A run is alive while it sends heartbeats. Once it has ended, the automation still fires (its last heartbeat is not
+# followed by another), but setting Crashed is refused for a run in a final state, and nobody is told (the
+# notification follows only a Crashed that was set). Counting the runs' own outcome events or Prefect's state
+# events here instead made it worse: Prefect 3.8 holds the state events of scheduled runs for 15 minutes
+# (tasks/notify.py), and on a SQLite server evaluating the outcome events against this trigger failed with
+# "database is locked" every time, so they went to the dead-letter folder before the notification saw them.
+_SIGNS_OF_LIFE = {"prefect.flow-run.heartbeat"}
 
 # Never emitted: a proactive trigger needs something to expect (tasks/notify.py emits one outcome per run).
 _NEVER = f"{EVENT_PREFIX}never"

@@ -10,67 +10,22 @@ the night with a broken recording, a run that failed) and none for clean nights.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from datetime import datetime, timezone
 
-import psutil
 import pytest
 
 from tests.helpers.audio import write_audio, write_not_audio
-from tests.helpers.prefect_server import PREFECT, REPO_ROOT, free_port, start, stop, wait_healthy
+from tests.helpers.nightly import ZOMBIE_SECONDS, events, kill_tree, make, nightly_env, start_make, wait_until
+from tests.helpers.prefect_server import PREFECT, REPO_ROOT, free_port, stop, wait_healthy
 from tests.helpers.webhook import webhook_receiver
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses make, process groups and /proc")
 
 NIGHT_SECONDS = 15
-HEARTBEAT_SECONDS = 30  # Prefect's minimum
-# Runs here last a few seconds, so one heartbeat (sent as a run starts) is all a live run sends before it ends:
-# 20 s without one means dead. A real deployment keeps the default of three heartbeats (180 s).
-ZOMBIE_SECONDS = 20
-
-
-def make(target: str, env: dict[str, str], port: int, timeout: float = 300) -> str:
-    proc = subprocess.run(["make", "--no-print-directory", target, f"PORT={port}"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"make {target} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
-def kill_tree(process: subprocess.Popen) -> list[int]:
-    """SIGKILL a process and everything under it at once, as when its machine dies."""
-    root = psutil.Process(process.pid)
-    victims = [root, *root.children(recursive=True)]
-    for victim in victims:
-        try:
-            victim.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    process.wait()
-    return [v.pid for v in victims]
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def events(api_url: str, resource_id: str, prefix: str) -> list[dict]:
-    body = json.dumps({"filter": {"any_resource": {"id": [resource_id]}, "event": {"prefix": [prefix]}},
-                       "limit": 50}).encode()
-    request = urllib.request.Request(f"{api_url}/events/filter", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)["events"]
 
 
 def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, tiny_model):
@@ -95,14 +50,8 @@ def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, 
     home = tmp_path / "prefect"
     home.mkdir()
     with webhook_receiver() as (hook_url, received):
-        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   MESS_AI_INCOMING=str(incoming), MESS_AI_STORE=str(store), MESS_AI_MODEL=tiny_model,
-                   MESS_AI_TIMEZONE="Europe/Berlin", MESS_AI_CODE_DIR=str(REPO_ROOT),
-                   MESS_AI_NIGHTLY_CRON=f"* * * * * */{NIGHT_SECONDS}",
-                   MESS_AI_HEARTBEAT_SECONDS=str(HEARTBEAT_SECONDS), MESS_AI_ZOMBIE_SECONDS=str(ZOMBIE_SECONDS),
-                   MESS_AI_NOTIFY_URL=hook_url, PREFECT_WORKER_QUERY_SECONDS="2")
-        env.pop("PREFECT_API_URL", None)  # the Makefile points every target at HOST:PORT itself
-        server = start(["make", "--no-print-directory", "server", f"PORT={port}"], env, home / "server.log")
+        env = nightly_env(home, incoming, store, tiny_model, NIGHT_SECONDS, hook_url)
+        server = start_make("server", env, port, home / "server.log")
         workers: list[subprocess.Popen] = []
         try:
             wait_healthy(api_url)
@@ -111,8 +60,7 @@ def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, 
                 assert json.load(response)["api_url"] == api_url
             deployed = make("deploy", env, port)
             assert "notifications: POST to the URL in MESS_AI_NOTIFY_URL" in deployed
-            workers.append(start(["make", "--no-print-directory", "worker", f"PORT={port}"], env,
-                                 tmp_path / "worker-1.log"))
+            workers.append(start_make("worker", env, port, tmp_path / "worker-1.log"))
 
             with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
                 nightly = client.read_deployment_by_name("extract-features/nightly")
@@ -144,8 +92,7 @@ def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, 
                 kill_tree(workers.pop())
                 killed_at = datetime.now(timezone.utc)
                 assert client.read_flow_run(night1.id).state.is_running()  # nothing told the server
-                workers.append(start(["make", "--no-print-directory", "worker", f"PORT={port}"], env,
-                                     tmp_path / "worker-2.log"))
+                workers.append(start_make("worker", env, port, tmp_path / "worker-2.log"))
 
                 # 3. The heartbeat automation marks the dead night Crashed.
                 crashed = wait_until(lambda: (s := client.read_flow_run(night1.id).state) and s.is_crashed() and s,
@@ -156,14 +103,14 @@ def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, 
                 write_audio(incoming / "night2.wav", seconds=8.0, seed=9)
                 marked_at = datetime.now(timezone.utc)
 
-                # 4. A later night runs and completes, with its artifacts: the dead one did not block it.
-                def completed_after_crash():
-                    for run in nights():
-                        if run.expected_start_time > marked_at and run.state and run.state.is_completed():
-                            return run
-                    return None
-
-                night2 = wait_until(completed_after_crash, 120, "a night after the crash to complete")
+                # 4. A later night runs and completes, with its artifacts: the dead one did not block it. It is the
+                # night that found the broken file (which night that is, is a race with the file's arrival: the
+                # files-failed message names it).
+                message = received.wait_for(lambda m: m.get("outcome") == "files-failed", 150)
+                assert message, f"no files-failed message; got {received.snapshot()}"
+                night2 = client.read_flow_run(message[0]["flow_run_id"])
+                assert night2.deployment_id == nightly.id and night2.state.is_completed()
+                assert night2.start_time > crashed.timestamp
                 keys = {a.key for a in client.read_artifacts(
                     artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[night2.id])),
                     flow_run_filter=FlowRunFilter(), limit=50)}
