@@ -136,7 +136,7 @@ def extract_features(
                             ", ".join(f"{c:.0f} s" for c in chunk_limits[:4]) + (" ..." if len(chunks) > 4 else ""),
                             run_limit / 3600)
                 stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), GpuSlot(gpu_limit),
-                                          Deadline(run_limit - (time.perf_counter() - started)))
+                                          Deadline(run_limit, elapsed=time.perf_counter() - started))
             if stopped is None:
                 problems = check_integrity(quote(session), limits)
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
@@ -222,7 +222,8 @@ def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tu
             if len(in_flight) == 2:
                 settle(*in_flight.pop(0))
             if fatal is None and deadline.passed():
-                fatal = StageTimeout("the run", deadline.seconds, f"after {index} of {len(chunks)} chunks")
+                fatal = StageTimeout("the run", deadline.seconds,
+                                     f"with {len(chunks) - index} of {len(chunks)} chunks not started")
             if fatal is not None:
                 break
             in_flight.append((chunk_task.submit(quote(session), chunk, quote(slot), index, len(chunks), limit),

@@ -123,12 +123,12 @@ class TimeLimits:
 
 
 class Deadline:
-    """The end of a run: ``remaining()`` seconds from now (never below ``floor``)."""
+    """The end of a run that may take ``seconds`` in all, of which ``elapsed`` have passed already."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, seconds: float, elapsed: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
         self._clock = clock
-        self._end = clock() + seconds
+        self._end = clock() + seconds - elapsed
 
     def remaining(self) -> float:
         return self._end - self._clock()

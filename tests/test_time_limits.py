@@ -64,6 +64,7 @@ def test_time_limits_are_derived_from_the_work():
     clock = iter([0.0, 4.0, 11.0])
     deadline = Deadline(10, clock=lambda: next(clock))
     assert deadline.remaining() == 6 and deadline.passed()
+    assert Deadline(10, elapsed=3, clock=lambda: 0.0).remaining() == 7
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -147,3 +148,23 @@ def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tm
     assert active == 0
     # The model is stuck, not the file: it is not blamed, but left for the next run.
     assert statuses == {"a.wav": "pending"}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_past_its_own_time_limit_starts_no_more_chunks(tmp_path, tiny_model):
+    from flows.extract import extract_features
+
+    audio = tmp_path / "audio"
+    for i in range(4):
+        write_audio(audio / f"t{i}.wav", seconds=2.0)
+    state = extract_features(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model, device="cpu",
+                             files_per_task=1, gpu_limit="", run_time_limit_hours=0.1 / 3600, return_state=True)
+    assert state.is_failed()
+    assert "the run did not finish within its time limit of 0 s (stuck with 2 of 4 chunks not started)" in \
+        state.message
+    fs = FeatureStore(tmp_path / "store", "audio")
+    try:
+        statuses = sorted(r["status"] for r in fs.manifest.rows_by_track("audio").values())
+    finally:
+        fs.close()
+    assert statuses == ["done", "done"]  # the two chunks in flight finished; the others are left for the next run
