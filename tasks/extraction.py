@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 from typing import Any, Iterator
 
+import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 
 from mess_ai.audio import AudioSource
 from mess_ai.deadline import TimeLimits, run_within
@@ -65,6 +67,29 @@ def ensure_concurrency_limit(name: str, slots: int) -> None:
 
 
 GPU_LEASE_SECONDS = 60
+# How long a run waits for the API to come back to take its GPU slot (a server restart takes ~10 s).
+SLOT_RETRY_SECONDS = 300.0
+
+
+def _logger() -> Any:
+    """The run's logger (its lines reach the UI), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def api_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the Prefect API could not be reached or was restarting."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, httpx.TransportError):
+            return True
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (502, 503, 504):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 _local_locks: dict[str, threading.Lock] = {}
 _local_locks_guard = threading.Lock()
 
@@ -89,24 +114,39 @@ class _SlotHolder(threading.Thread):
         self.held = False
         self.settled = threading.Event()  # the slot is held, or will not be (error)
         self.error: BaseException | None = None
+        self.failed_attempts = 0
         self._released = threading.Event()
 
     def run(self) -> None:
         self.context.run(self._hold)
 
     def _hold(self) -> None:
+        delay, waited = 1.0, 0.0
         try:
-            # A short lease: a run killed while holding the slot blocks the others for a minute, not Prefect's
-            # default five; while this thread lives, Prefect renews the lease in the background.
-            with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
-                self.held = True
-                self.settled.set()
-                # Woken every second: when the lease cannot be renewed, Prefect cancels this thread with an
-                # exception raised at its next bytecode, which a wait without a timeout would never reach.
-                while not self._released.wait(1.0):
-                    pass
-        except BaseException as exc:  # noqa: BLE001 - handed to the chunk that waits for the slot
-            self.error = exc
+            while True:
+                try:
+                    # A short lease: a run killed while holding the slot blocks the others for a minute, not
+                    # Prefect's default five; while this thread lives, Prefect renews the lease in the background.
+                    with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+                        self.held = True
+                        self.settled.set()
+                        # Woken every second: when the lease cannot be renewed, Prefect cancels this thread with
+                        # an exception raised at its next bytecode, which a wait without a timeout never reaches.
+                        while not self._released.wait(1.0):
+                            pass
+                    return
+                except BaseException as exc:  # noqa: BLE001 - handed to the chunk that waits for the slot
+                    self.failed_attempts += 1
+                    if self.held or self._released.is_set() or not api_unreachable(exc) \
+                            or waited >= SLOT_RETRY_SECONDS:
+                        self.error = exc
+                        return
+                    # The API is away (a server restart takes seconds): wait for it rather than fail the run.
+                    _logger().warning("The Prefect API is unreachable; trying again in %.0f s to take the "
+                                             "'%s' concurrency slot.", delay, self.limit)
+                    self._released.wait(delay)
+                    waited += delay
+                    delay = min(2 * delay, 30.0)
         finally:
             self.held = False
             self.settled.set()
