@@ -70,7 +70,14 @@ _DEAD_MESSAGE = """{
 
 
 def zombie_seconds() -> int:
-    return int(os.environ.get("MESS_AI_ZOMBIE_SECONDS") or DEFAULT_ZOMBIE_SECONDS)
+    """MESS_AI_ZOMBIE_SECONDS; refused unless it is longer than the heartbeat interval (a live run would be marked
+    Crashed between two heartbeats)."""
+    zombie = int(os.environ.get("MESS_AI_ZOMBIE_SECONDS") or DEFAULT_ZOMBIE_SECONDS)
+    heartbeat = int(os.environ.get("MESS_AI_HEARTBEAT_SECONDS") or DEFAULT_HEARTBEAT_SECONDS)
+    if zombie <= heartbeat:
+        raise ValueError(f"MESS_AI_ZOMBIE_SECONDS={zombie} must be longer than MESS_AI_HEARTBEAT_SECONDS={heartbeat}: "
+                         "a live run would be marked Crashed between two heartbeats (three heartbeats is usual)")
+    return zombie
 
 
 def _dead_run_trigger():

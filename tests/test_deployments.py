@@ -59,3 +59,14 @@ def test_make_server_and_the_test_servers_share_their_settings():
         pytest.skip("make is not installed")
     (start,) = starts
     assert all(f"{name}={value}" in start for name, value in SERVER_SETTINGS.items()), start
+
+
+def test_a_dead_run_window_shorter_than_a_heartbeat_is_refused(monkeypatch):
+    from deployments.automations import zombie_seconds
+
+    monkeypatch.setenv("MESS_AI_HEARTBEAT_SECONDS", "60")
+    monkeypatch.setenv("MESS_AI_ZOMBIE_SECONDS", "180")
+    assert zombie_seconds() == 180
+    monkeypatch.setenv("MESS_AI_ZOMBIE_SECONDS", "60")
+    with pytest.raises(ValueError, match="MESS_AI_ZOMBIE_SECONDS=60 must be longer than MESS_AI_HEARTBEAT_SECONDS=60"):
+        zombie_seconds()
