@@ -48,15 +48,21 @@ def start_make(target: str, env: dict[str, str], port: int, log: Path) -> subpro
     return start(["make", "--no-print-directory", target, f"PORT={port}"], env, log)
 
 
-def kill_tree(process: subprocess.Popen) -> list[int]:
-    """SIGKILL a process and everything under it at once, as when its machine dies."""
+def _signal_tree(process: subprocess.Popen, signum: int) -> list[psutil.Process]:
+    """Send ``signum`` to a process and everything under it at once; returns them."""
     root = psutil.Process(process.pid)
-    victims = [root, *root.children(recursive=True)]
-    for victim in victims:
+    members = [root, *root.children(recursive=True)]
+    for member in members:
         try:
-            victim.send_signal(signal.SIGKILL)
+            member.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
+    return members
+
+
+def kill_tree(process: subprocess.Popen) -> list[int]:
+    """SIGKILL a process and everything under it at once, as when its machine dies."""
+    victims = _signal_tree(process, signal.SIGKILL)
     process.wait()
     return [v.pid for v in victims]
 
@@ -64,13 +70,7 @@ def kill_tree(process: subprocess.Popen) -> list[int]:
 def stop_tree(process: subprocess.Popen, timeout: float = 60) -> None:
     """SIGTERM a process and everything under it, and wait until all of them have exited (``make`` exits at once
     on SIGTERM; the server it started may take seconds more, still answering meanwhile)."""
-    root = psutil.Process(process.pid)
-    members = [root, *root.children(recursive=True)]
-    for member in members:
-        try:
-            member.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
+    members = _signal_tree(process, signal.SIGTERM)
     _, alive = psutil.wait_procs(members, timeout=timeout)
     for member in alive:
         member.send_signal(signal.SIGKILL)
