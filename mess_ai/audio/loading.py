@@ -2,65 +2,78 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from mess_ai.audio.validation import _libsndfile_message
+from mess_ai.audio.opening import OpenedAudio, open_audio, open_soundfile
+from mess_ai.audio.validation import AudioLimits, _check_limits, _duration_text, _libsndfile_failure
 from mess_ai.errors import AudioError
 
 _STAGE = "load"
 # Room for the resampler's rounding and for MP3 headers that underestimate the length a little.
 _LENGTH_MARGIN = 64
+# The most one multichannel block may take as float32, whatever the channel count: 30 s of 64 channels at 192 kHz
+# would otherwise be 1.5 GB.
+_MAX_BLOCK_BYTES = 64 << 20
 
 
-def load_mono(path: str | Path, target_sample_rate: int, *, block_seconds: float = 30.0) -> np.ndarray:
-    """Decode ``path``, average its channels and resample to ``target_sample_rate``: float32 [n_samples].
+def load_mono(source: str | Path | OpenedAudio, target_sample_rate: int, *, block_seconds: float = 30.0,
+              limits: AudioLimits = AudioLimits()) -> np.ndarray:
+    """Decode ``source``, average its channels and resample to ``target_sample_rate``: float32 [n_samples].
 
-    The file is decoded ``block_seconds`` at a time and streamed through the resampler into one output array
-    allocated up front from the header's length, so the peak memory is the mono output plus one multichannel block,
-    never the whole file as multichannel float. The output is trimmed to what was actually decoded (MP3 headers only
-    estimate their length); a file that decodes to no samples at all raises ``AudioError``, as do decode errors and
-    NaN/inf samples. Equal rates skip resampling, so the samples come back unchanged apart from the channel average.
+    A path is opened with ``open_audio``; an ``OpenedAudio`` is decoded from its descriptor, so the bytes decoded
+    are those of the file the caller opened (and hashed). The header is checked against ``limits`` first. The file
+    is decoded ``block_seconds`` at a time (at most 64 MiB a block) and streamed through the resampler into one
+    output array allocated up front from the header's length, capped at ``limits.max_duration_seconds``: the peak
+    memory is bounded by the settings, never by what a header claims, and decoding stops with ``AudioError`` once
+    the audio passes the limit. The output is trimmed to what was actually decoded (MP3 headers only estimate their
+    length); a file that decodes to no samples at all raises ``AudioError``, as do decode errors and NaN/inf
+    samples. Failures of the system (missing file, I/O error, also mid-decode) raise ``OSError``: they are retried.
+    Equal rates skip resampling, so the samples come back unchanged apart from the channel average.
     """
     if target_sample_rate <= 0:
         raise ValueError(f"target_sample_rate must be positive, got {target_sample_rate}")
     if block_seconds <= 0:
         raise ValueError(f"block_seconds must be positive, got {block_seconds}")
-    # libsndfile reports every OS failure as "System error"; opening the file here first raises the OS's own
-    # error. It stays an OSError, not an AudioError: a file gone or a network mount failing says nothing about
-    # the bytes, so the attempt is recorded as transient and retried.
-    with open(path, "rb"):
-        pass
+    if isinstance(source, OpenedAudio):
+        return _load(source, target_sample_rate, block_seconds, limits)
+    with open_audio(source, _STAGE) as opened:
+        return _load(opened, target_sample_rate, block_seconds, limits)
+
+
+def _load(opened: OpenedAudio, target_sample_rate: int, block_seconds: float, limits: AudioLimits) -> np.ndarray:
+    path = opened.path
     try:
-        # A bytes path: soundfile encodes a str path strictly, so a name that is not UTF-8 could not be opened.
-        with sf.SoundFile(os.fsencode(path)) as audio:
-            signal = _decode(path, audio, target_sample_rate, block_seconds)
+        with open_soundfile(opened) as audio:
+            _check_limits(path, audio.samplerate, max(audio.frames, 0), limits, _STAGE)
+            signal = _decode(path, audio, target_sample_rate, block_seconds, limits)
     except sf.SoundFileError as err:
-        raise AudioError(path, f"cannot decode the audio ({_libsndfile_message(err)})", _STAGE) from err
+        raise _libsndfile_failure(path, err, "cannot decode the audio", _STAGE) from err
     if signal.size == 0:
         raise AudioError(path, "decodes to no audio samples", _STAGE)
     return signal
 
 
-def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, block_seconds: float) -> np.ndarray:
+def _decode(path: Path, audio: sf.SoundFile, target_sample_rate: int, block_seconds: float,
+            limits: AudioLimits) -> np.ndarray:
     """The block loop of ``load_mono``: float32 [n_samples] at ``target_sample_rate``."""
     in_rate = audio.samplerate
     resampler = None
     if in_rate != target_sample_rate:
         resampler = soxr.ResampleStream(in_rate, target_sample_rate, 1, dtype="float32", quality="HQ")
-    block_frames = max(1, int(block_seconds * in_rate))
+    block_frames = max(1, min(int(block_seconds * in_rate), _MAX_BLOCK_BYTES // (audio.channels * 4)))
     # 16-bit PCM (most WAV, AIFF and FLAC files) is read as int16 and converted here: libsndfile's own conversion
     # to float32 took three times as long as the read itself (see docs/benchmarks.md, overhead).
     pcm16 = audio.subtype == "PCM_16"
     # Downmix as a matrix-vector product: numpy's mean over the short channel axis is a strided reduction,
     # about 18x slower, and was the costliest step of decoding (see docs/benchmarks.md, overhead).
     weights = np.full(audio.channels, 1.0 / audio.channels, dtype=np.float32)
+    max_frames = int(limits.max_duration_seconds * in_rate)
     # Integer ceiling of frames * out / in, exact however long the file.
-    expected = -(-max(audio.frames, 0) * target_sample_rate // in_rate) + _LENGTH_MARGIN
+    expected = -(-min(max(audio.frames, 0), max_frames) * target_sample_rate // in_rate) + _LENGTH_MARGIN
     out = np.empty(expected, dtype=np.float32)
     written = 0
     frames_read = 0
@@ -68,8 +81,8 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
         try:
             block = audio.read(block_frames, dtype="int16" if pcm16 else "float32", always_2d=True)
         except sf.SoundFileError as err:
-            raise AudioError(path, f"cannot decode the audio near {frames_read / in_rate:.1f} s "
-                                   f"({_libsndfile_message(err)})", _STAGE) from err
+            raise _libsndfile_failure(path, err, f"cannot decode the audio near {frames_read / in_rate:.1f} s",
+                                      _STAGE) from err
         last = len(block) == 0
         mono = downmix_pcm16(block) if pcm16 else block @ weights
         # Frees the multichannel block before the resampler allocates its output: one less block at the peak.
@@ -78,6 +91,12 @@ def _decode(path: str | Path, audio: sf.SoundFile, target_sample_rate: int, bloc
             if not pcm16:  # integers are always finite
                 _check_finite(path, mono, frames_read, in_rate)
             frames_read += len(mono)
+            # soundfile reads no further than the header's length today; this keeps the output bounded by the
+            # limit even for a decoder that goes on past a header's estimate.
+            if frames_read > max_frames:
+                raise AudioError(path, f"decodes to more than the limit of "
+                                       f"{_duration_text(limits.max_duration_seconds, limits)} "
+                                       "(--max-duration-hours)", _STAGE)
         if resampler is not None:
             mono = resampler.resample_chunk(mono, last=last)
         out = _append(out, written, mono)
@@ -104,7 +123,7 @@ def downmix_pcm16(block: np.ndarray) -> np.ndarray:
     return mono
 
 
-def _check_finite(path: str | Path, mono: np.ndarray, first_frame: int, sample_rate: int) -> None:
+def _check_finite(path: Path, mono: np.ndarray, first_frame: int, sample_rate: int) -> None:
     """Raise ``AudioError`` naming the time of the first NaN/inf sample (they would smear through the resampler)."""
     if np.isfinite(mono).all():
         return

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import soxr
 
-from mess_ai.audio import load_mono
+import mess_ai.audio.loading as loading
+from mess_ai.audio import AudioLimits, load_mono, open_audio
 from mess_ai.errors import AudioError
 from tests.helpers.audio import (tone, write_audio, write_empty, write_header_only, write_nonfinite_wav,
                                  write_not_audio, write_tone_in_blocks)
@@ -134,7 +138,7 @@ def test_truncated_mp3_returns_what_was_decodable(tmp_path):
 
 
 def test_bad_files_are_load_errors_too(tmp_path):
-    assert _reason(write_empty(tmp_path / "empty.wav")) == "cannot decode the audio (Format not recognised)"
+    assert _reason(write_empty(tmp_path / "empty.wav")) == "empty file (0 bytes)"
     assert _reason(write_not_audio(tmp_path / "text.ogg")) == "cannot decode the audio (Format not recognised)"
     assert _reason(write_header_only(tmp_path / "cut.wav")) == "decodes to no audio samples"
     # a file that cannot be opened is an OS error, not bad audio: the run records it as worth retrying
@@ -150,3 +154,129 @@ def test_bad_arguments(tmp_path, kwargs, message):
     path = write_audio(tmp_path / "ok.wav")
     with pytest.raises(ValueError, match=message):
         load_mono(path, **kwargs)
+
+
+def _failure_and_peak(call) -> tuple[Exception, int]:
+    """What ``call()`` raised, and the peak of the memory allocated while it ran (numpy arrays included)."""
+    tracemalloc.start()
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        return exc, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    pytest.fail("did not raise")
+
+
+def _claim_flac_frames(path: Path, frames: int) -> Path:
+    """Rewrite the total sample count of a FLAC's STREAMINFO (its last 36 of bytes 18-26), so the header lies."""
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO, the block every FLAC starts with
+    field = int.from_bytes(data[18:26], "big")
+    data[18:26] = ((field & ~((1 << 36) - 1)) | frames).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _by_name_in_blocks(path: Path, block_frames: int) -> np.ndarray:
+    """libsndfile opening the file by name, read in blocks as ``load_mono`` reads: float32 [n_samples, channels].
+
+    The same blocks matter for MP3: soundfile seeks after every read, and mpg123 decodes the samples after a seek
+    a little differently."""
+    with sf.SoundFile(str(path)) as audio:
+        return np.concatenate(list(audio.blocks(block_frames, dtype="float32", always_2d=True)))
+
+
+@pytest.mark.parametrize(("name", "subtype"), [
+    ("a.wav", "PCM_16"), ("b.wav", "PCM_24"), ("c.wav", "FLOAT"), ("d.flac", "PCM_16"), ("e.aiff", "PCM_16"),
+    ("f.ogg", None), ("g.mp3", None),
+])
+def test_decoding_from_the_descriptor_gives_libsndfiles_samples_by_name(tmp_path, name, subtype):
+    path = write_audio(tmp_path / name, seconds=2.0, sample_rate=TARGET, subtype=subtype, seed=6)
+    with open_audio(path) as opened:
+        signal = load_mono(opened, TARGET, block_seconds=0.37)
+    np.testing.assert_array_equal(signal, _by_name_in_blocks(path, int(0.37 * TARGET))[:, 0])
+
+
+def test_an_mp3_with_junk_before_its_first_frame_decodes_as_by_name(tmp_path):
+    # By name libsndfile lets mpg123 skip up to 64 KiB of junk; read through a descriptor it must too.
+    clean = write_audio(tmp_path / "clean.mp3", seconds=2.0, sample_rate=TARGET, seed=2)
+    padded = tmp_path / "padded.mp3"
+    padded.write_bytes(b"junk" * 250 + clean.read_bytes())
+    np.testing.assert_array_equal(load_mono(padded, TARGET), _by_name_in_blocks(padded, 30 * TARGET)[:, 0])
+
+
+def test_default_limits_pass_real_recordings(tmp_path):
+    for path, rate, channels in [(tmp_path / "phone.wav", 8000, 1), (tmp_path / "master.flac", 192000, 6)]:
+        write_audio(path, seconds=1.5, sample_rate=rate, channels=channels)
+        assert len(load_mono(path, TARGET)) == int(1.5 * TARGET)
+
+
+def test_a_decode_bomb_header_is_refused_before_anything_is_allocated(tmp_path):
+    # 72 KB whose header says 1 Hz: 10 hours, 3.5 GB as float32 at 24 kHz, if the header were believed.
+    path = write_header_only(tmp_path / "bomb.wav", sample_rate=1, declared_seconds=36000, data_bytes=72000)
+    error, peak = _failure_and_peak(lambda: load_mono(path, TARGET))
+    assert isinstance(error, AudioError) and error.stage == "load"
+    assert error.reason == ("sample rate 1 Hz is outside the accepted range 4000-384000 Hz "
+                            "(limits: --min-sample-rate/--max-sample-rate)")
+    assert peak < 1 << 20
+
+
+def test_a_header_longer_than_the_limit_is_refused_before_decoding(tmp_path):
+    # 150 KB of FLAC whose header claims 10 hours: the output would be allocated from that length.
+    path = _claim_flac_frames(write_audio(tmp_path / "long.flac", seconds=3.0, sample_rate=8000), 10 * 3600 * 8000)
+    error, peak = _failure_and_peak(lambda: load_mono(path, TARGET))
+    assert isinstance(error, AudioError)
+    assert error.reason == "the header says 10.0 h of audio, more than the limit of 6.0 h (--max-duration-hours)"
+    assert peak < 1 << 20
+    short = write_audio(tmp_path / "three.wav", seconds=3.0, sample_rate=8000)
+    assert _reason_with(short, AudioLimits(max_duration_seconds=2.0)) == (
+        "the header says 3.0 s of audio, more than the limit of 2.0 s (--max-duration-hours)")
+
+
+def _reason_with(path, limits: AudioLimits) -> str:
+    with pytest.raises(AudioError) as caught:
+        load_mono(path, TARGET, block_seconds=0.5, limits=limits)
+    assert caught.value.stage == "load"
+    return caught.value.reason
+
+
+def test_decoding_stops_at_the_limit_whatever_the_header_said(tmp_path, monkeypatch):
+    # soundfile reads no further than a header's length today, so the header check is switched off here to show
+    # the guard of the decode loop on its own.
+    monkeypatch.setattr(loading, "_check_limits", lambda *args: None)
+    path = write_audio(tmp_path / "three.wav", seconds=3.0, sample_rate=8000)
+    assert _reason_with(path, AudioLimits(max_duration_seconds=2.0)) == (
+        "decodes to more than the limit of 2.0 s (--max-duration-hours)")
+    assert len(load_mono(path, TARGET, block_seconds=0.5, limits=AudioLimits(max_duration_seconds=3.0))) == 3 * TARGET
+
+
+def test_a_block_is_capped_in_bytes_whatever_the_channel_count(tmp_path):
+    # 8 channels at 192 kHz claiming 60 s: one 30 s block would be 184 MB of float32; the cap is 64 MiB.
+    path = write_audio(tmp_path / "wide.flac", seconds=0.5, sample_rate=192000, channels=8, subtype="PCM_24")
+    _claim_flac_frames(path, 60 * 192000)
+    error, peak = _failure_and_peak(lambda: load_mono(path, TARGET))
+    # The data ends long before the header said.
+    assert isinstance(error, AudioError) and error.reason.startswith("cannot decode the audio near ")
+    assert peak < (64 << 20) + (16 << 20), f"peak {peak / 1e6:.1f} MB"
+
+
+def test_a_read_failing_in_the_os_mid_decode_is_an_os_error(tmp_path, monkeypatch):
+    path = write_audio(tmp_path / "tone.wav", seconds=3.0, sample_rate=TARGET)
+    real_read = sf.SoundFile.read
+    reads = []
+    folder = os.open(tmp_path, os.O_RDONLY)
+
+    with open_audio(path) as opened:
+        def read_then_fail(self, *args, **kwargs):
+            reads.append(1)
+            if len(reads) == 2:  # the disk goes away under the second block: read(2) fails with EISDIR
+                os.dup2(folder, opened.fd)
+            return real_read(self, *args, **kwargs)
+
+        monkeypatch.setattr(sf.SoundFile, "read", read_then_fail)
+        with pytest.raises(OSError) as caught:
+            load_mono(opened, TARGET, block_seconds=1.0)
+    os.close(folder)
+    assert caught.value.errno == errno.EIO and caught.value.filename == str(path)
+    assert "System error" in str(caught.value)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import errno
+import os
 
-from mess_ai.audio import AudioInfo, probe_audio
+import pytest
+import soundfile as sf
+
+import mess_ai.audio.validation as validation
+from mess_ai.audio import AudioInfo, AudioLimits, open_audio, probe_audio
 from mess_ai.errors import AudioError
 from tests.helpers.audio import write_audio, write_empty, write_header_only, write_nonfinite_wav, write_not_audio
 
@@ -33,6 +38,9 @@ def test_good_files_pass_with_their_header_facts(tmp_path, name, sample_rate, ch
     assert (info.sample_rate, info.channels, info.format, info.subtype) == (sample_rate, channels, fmt, subtype)
     assert info.frames == pytest.approx(1.5 * sample_rate, rel=0.02)
     assert info.duration_seconds == pytest.approx(1.5, rel=0.02)
+    # Read through the descriptor of a file opened once, the header says the same.
+    with open_audio(path) as opened:
+        assert probe_audio(opened) == info
 
 
 def _reason(path, **kwargs) -> str:
@@ -85,12 +93,83 @@ def test_minimum_is_configurable(tmp_path):
     assert _reason(path, min_duration_seconds=2.0) == "too short: 0.30 s, the minimum is 2.00 s"
 
 
-def test_missing_file_and_directory(tmp_path):
-    assert _reason(tmp_path / "gone.wav") == "cannot read the file (No such file or directory)"
+def test_missing_file_is_an_os_error_and_a_directory_bad_input(tmp_path):
+    # A missing file says nothing about its bytes: the run records it as worth retrying, not as bad audio.
+    with pytest.raises(FileNotFoundError):
+        probe_audio(tmp_path / "gone.wav")
     (tmp_path / "dir.wav").mkdir()
-    assert _reason(tmp_path / "dir.wav") == "not a regular file"
+    assert _reason(tmp_path / "dir.wav") == "not a regular file (a directory)"
 
 
 def test_nonfinite_samples_pass_the_header_check(tmp_path):
     # The header of a float WAV full of NaN is perfectly valid; load_mono is what refuses it.
     assert probe_audio(write_nonfinite_wav(tmp_path / "nan.wav")).subtype == "FLOAT"
+
+
+def test_an_mp3_with_junk_before_its_first_frame_passes_as_by_name(tmp_path):
+    # By name libsndfile lets mpg123 skip up to 64 KiB of junk; read through a descriptor it must too.
+    clean = write_audio(tmp_path / "clean.mp3", seconds=1.5, sample_rate=44100)
+    padded = tmp_path / "padded.mp3"
+    padded.write_bytes(bytes(1000) + clean.read_bytes())
+    assert probe_audio(padded).frames == probe_audio(clean).frames == sf.info(str(padded)).frames
+    too_much = tmp_path / "too_much.mp3"
+    too_much.write_bytes(bytes(1 << 16) + clean.read_bytes())
+    assert _reason(too_much) == "not an audio file libsndfile can decode (no MPEG audio frames found)"
+
+
+def test_default_limits_pass_real_recordings(tmp_path):
+    for path, rate, channels in [(tmp_path / "phone.wav", 8000, 1), (tmp_path / "master.flac", 192000, 6)]:
+        write_audio(path, seconds=1.5, sample_rate=rate, channels=channels)
+        info = probe_audio(path)
+        assert (info.sample_rate, info.channels) == (rate, channels)
+
+
+@pytest.mark.parametrize(("sample_rate", "channels"), [(1, 1), (1000, 2), (500_000, 1)])
+def test_a_sample_rate_out_of_range_is_refused_before_decoding(tmp_path, sample_rate, channels):
+    # 1 Hz: 72 KB that would resample to 10 hours at 24 kHz (gigabytes) if anything believed the header.
+    path = write_header_only(tmp_path / "bomb.wav", sample_rate=sample_rate, channels=channels,
+                             declared_seconds=36000 / sample_rate, data_bytes=72000)
+    assert _reason(path) == (f"sample rate {sample_rate} Hz is outside the accepted range 4000-384000 Hz "
+                             "(limits: --min-sample-rate/--max-sample-rate)")
+
+
+def test_a_header_longer_than_the_limit_is_refused(tmp_path):
+    bomb = write_header_only(tmp_path / "bomb.wav", sample_rate=1, declared_seconds=36000, data_bytes=72000)
+    assert _reason(bomb, limits=AudioLimits(min_sample_rate=1)) == (
+        "the header says 10.0 h of audio, more than the limit of 6.0 h (--max-duration-hours)")
+    path = write_audio(tmp_path / "three.wav", seconds=3.0, sample_rate=8000)
+    assert _reason(path, limits=AudioLimits(max_duration_seconds=2.0)) == (
+        "the header says 3.0 s of audio, more than the limit of 2.0 s (--max-duration-hours)")
+    # Just over the limit never reads as equal to it.
+    assert _reason(path, limits=AudioLimits(max_duration_seconds=2.99)) == (
+        "the header says 3.0 s of audio, more than the limit of 2.9 s (--max-duration-hours)")
+    assert probe_audio(path, limits=AudioLimits(max_duration_seconds=3.0)).duration_seconds == 3.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"min_sample_rate": 0}, "min_sample_rate must be positive, got 0"),
+    ({"min_sample_rate": 48000, "max_sample_rate": 44100},
+     r"max_sample_rate must be at least min_sample_rate \(48000\), got 44100"),
+    ({"max_duration_seconds": 0.0}, "max_duration_seconds must be positive, got 0.0"),
+    ({"max_duration_seconds": float("nan")}, "max_duration_seconds must be positive, got nan"),
+])
+def test_bad_limits(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AudioLimits(**kwargs)
+
+
+def test_a_system_error_of_libsndfile_is_an_os_error(tmp_path, monkeypatch):
+    # libsndfile words every failed read or seek of the OS "System error". Here it gets a closed descriptor.
+    path = write_audio(tmp_path / "tone.wav")
+
+    def closed_descriptor(opened):
+        fd = os.dup(opened.fd)
+        os.close(fd)
+        return sf.SoundFile(fd, closefd=False)
+
+    monkeypatch.setattr(validation, "open_soundfile", closed_descriptor)
+    with pytest.raises(OSError) as caught:
+        probe_audio(path)
+    assert caught.value.errno == errno.EIO
+    assert caught.value.filename == str(path)
+    assert "System error" in str(caught.value)
