@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -10,6 +12,8 @@ import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff")
 
@@ -25,7 +29,8 @@ class AudioSource:
     """One audio file found under a root.
 
     ``path`` is absolute but not resolved (a symlinked file keeps its link path), ``relative`` is the POSIX path
-    from the root, ``track_id`` is ``make_track_id(relative)``.
+    from the root, ``track_id`` is ``make_track_id(relative)``, except for *twins*: files whose names differ only
+    in Unicode normalisation, which get ``make_track_id(relative, normalise=False)`` (see ``discover_audio``).
     """
 
     path: Path
@@ -40,6 +45,16 @@ def discover_audio(root: str | Path) -> list[AudioSource]:
     their name. Symlinked directories are never entered, so a symlink loop cannot trap the walk; a symlinked file is
     kept only if it resolves to a regular file inside the resolved root. Subfolders that cannot be listed are
     skipped; an unusable root raises ``FileNotFoundError`` / ``NotADirectoryError`` / ``PermissionError``.
+
+    Track ids: a file's id is ``make_track_id(relative)``, the same whether the file system spells its name composed
+    or decomposed. Linux keeps ``café.wav`` composed (NFC) and decomposed (NFD) side by side as two different files
+    (*twins*: relative paths with the same NFC form, through a file or folder name); each twin gets
+    ``make_track_id(relative, normalise=False)``, hashed over its exact code points, so twins are never merged
+    into one track. The twin spelt in NFC thereby keeps the usual id (an existing store keeps its features); a
+    warning names each group of twins. Known consequence: the id of a twin not spelt in NFC depends on the others
+    being there. When the NFC twin is removed, the one left gets the usual id back (and is extracted once more
+    under it); when an NFC twin is added next to a decomposed name, the decomposed one moves to its own id the same
+    way.
     """
     root_path = os.path.abspath(os.fspath(root))
     if not os.path.exists(root_path):
@@ -48,7 +63,8 @@ def discover_audio(root: str | Path) -> list[AudioSource]:
         raise NotADirectoryError(f"audio folder is not a directory: {root_path}")
     real_root = os.path.realpath(root_path)
 
-    found: list[AudioSource] = []
+    # NFC form of the relative path -> (absolute path, relative path) of every file spelt that way.
+    found: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
     # (absolute dir, its POSIX path relative to the root) pairs still to list.
     pending: list[tuple[str, str]] = [(root_path, "")]
     while pending:
@@ -61,16 +77,37 @@ def discover_audio(root: str | Path) -> list[AudioSource]:
                 raise
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             relative = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            # DirEntry answers is_dir/is_symlink from the directory listing itself: no stat per file.
-            if entry.is_dir(follow_symlinks=False):
+            if _walked_dir(entry):
                 pending.append((entry.path, relative))
-            elif entry.name.lower().endswith(AUDIO_EXTENSIONS) and _is_usable_file(entry, real_root):
-                found.append(AudioSource(Path(entry.path), relative, make_track_id(relative)))
-    found.sort(key=lambda source: source.relative)
-    return found
+            elif _listed_file(entry, real_root):
+                found[unicodedata.normalize("NFC", relative)].append((entry.path, relative))
+    sources = []
+    for spellings in found.values():
+        if len(spellings) > 1:
+            _warn_twins(root_path, sorted(relative for _, relative in spellings))
+        sources += [AudioSource(Path(path), relative, make_track_id(relative, normalise=len(spellings) == 1))
+                    for path, relative in spellings]
+    sources.sort(key=lambda source: source.relative)
+    return sources
+
+
+def _walked_dir(entry: os.DirEntry) -> bool:
+    # DirEntry answers is_dir/is_symlink from the directory listing itself: no stat per file.
+    return not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
+
+
+def _listed_file(entry: os.DirEntry, real_root: str) -> bool:
+    return (not entry.name.startswith(".") and entry.name.lower().endswith(AUDIO_EXTENSIONS)
+            and _is_usable_file(entry, real_root))
+
+
+def _warn_twins(root_path: str, relatives: list[str]) -> None:
+    # ascii() shows the code points: printed as they are, the names look the same.
+    log.warning("%d different files under %s have names that differ only in Unicode normalisation: %s. Each is "
+                "kept as its own track: the one spelt in NFC (composed) keeps the usual track id, the others get "
+                "an id hashed over their exact code points.",
+                len(relatives), root_path, ", ".join(ascii(relative) for relative in relatives))
 
 
 def _is_usable_file(entry: os.DirEntry, real_root: str) -> bool:
@@ -95,6 +132,8 @@ def audio_source_at(root: str | Path, path: str | Path) -> AudioSource | None:
     For paths reported by a file watcher, which follows symlinked directories and may report paths under the
     resolved root (macOS): such a path is resolved up to its parent and kept only when that lands inside the root,
     under the relative path the walk lists. Files that are missing or vanish during the check give None.
+    The track id is the walk's, twins included: a path that is not NFC has the folders along it listed for
+    other spellings of the same names (an NFC path needs no listing, its id is the same either way).
     """
     root_path = os.path.abspath(os.fspath(root))
     path = os.path.abspath(os.fspath(path))
@@ -114,7 +153,31 @@ def audio_source_at(root: str | Path, path: str | Path) -> AudioSource | None:
     except OSError:
         return None
     usable = _link_target_inside(full, real_root) if stat.S_ISLNK(mode) else stat.S_ISREG(mode)
-    return AudioSource(Path(full), relative, make_track_id(relative)) if usable else None
+    if not usable:
+        return None
+    normalised = unicodedata.normalize("NFC", relative)
+    has_twins = normalised != relative and len(_spellings(root_path, real_root, normalised)) > 1
+    return AudioSource(Path(full), relative, make_track_id(relative, normalise=not has_twins))
+
+
+def _spellings(root_path: str, real_root: str, normalised: str) -> list[str]:
+    """The relative paths of the files the walk lists whose NFC form is ``normalised``."""
+    *folder_names, file_name = normalised.split("/")
+    folders = [(root_path, "")]
+    for name in folder_names:
+        folders = [(entry.path, f"{rel}/{entry.name}" if rel else entry.name)
+                   for folder, rel in folders for entry in _entries(folder)
+                   if unicodedata.normalize("NFC", entry.name) == name and _walked_dir(entry)]
+    return [f"{rel}/{entry.name}" if rel else entry.name for folder, rel in folders for entry in _entries(folder)
+            if unicodedata.normalize("NFC", entry.name) == file_name and _listed_file(entry, real_root)]
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:
+        return []
 
 
 def _relative_inside(path: str, directory: str) -> str | None:
@@ -134,17 +197,21 @@ def _through_symlinked_dir(root_path: str, relative: str) -> bool:
     return False
 
 
-def make_track_id(relative: str) -> str:
+def make_track_id(relative: str, *, normalise: bool = True) -> str:
     """A unique, stable, file-name-safe id for the file at POSIX path ``relative`` under the root.
 
     A readable slug of the path without its extension, then ``-`` and 12 hex digits of the SHA-256 of the whole
     NFC-normalised path. The hash makes ids unique where slugs collide (``a/b.wav`` and ``a_b.wav``, ``x.wav`` and
     ``x.flac``); NFC makes the id the same whether the file system stores names composed (Linux) or decomposed
     (macOS). The id uses only ``[A-Za-z0-9_-]``, never starts with ``-`` and has at most 100 characters.
+
+    ``normalise=False`` hashes ``relative`` exactly as spelt (same slug): for *twins*, different files whose names
+    differ only in normalisation (``discover_audio`` tells when). For an NFC ``relative`` both ids are the same.
     """
     normalised = unicodedata.normalize("NFC", relative)
+    hashed = normalised if normalise else relative
     # surrogateescape gives back the original bytes of names that are not valid UTF-8 instead of failing.
-    digest = hashlib.sha256(normalised.encode("utf-8", "surrogateescape")).hexdigest()[:_HASH_CHARS]
+    digest = hashlib.sha256(hashed.encode("utf-8", "surrogateescape")).hexdigest()[:_HASH_CHARS]
     stem = posixpath.splitext(normalised)[0]
     # Dropping combining marks after NFKD keeps accented names readable ("Café" -> "Cafe").
     ascii_stem = "".join(c for c in unicodedata.normalize("NFKD", stem) if not unicodedata.combining(c))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import shutil
 import unicodedata
 
 import pytest
@@ -13,6 +15,21 @@ from mess_ai.audio import AUDIO_EXTENSIONS, audio_source_at, discover_audio, mak
 from tests.helpers.audio import write_audio
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+NFC_CAFE = "caf\u00e9"
+NFD_CAFE = "cafe\u0301"
+
+
+def skip_unless_twins_can_exist(folder) -> None:
+    """Skip when the file system under ``folder`` keeps only one of two names that differ only in Unicode
+    normalisation (macOS APFS and HFS+ do): twins cannot exist there."""
+    probe = folder / "normalisation-probe"
+    probe.mkdir()
+    for name in (NFC_CAFE, NFD_CAFE):
+        (probe / name).write_bytes(name.encode())
+    kept = len(os.listdir(probe))
+    shutil.rmtree(probe)
+    if kept != 2:
+        pytest.skip(f"the file system of {folder} merges names that differ only in Unicode normalisation")
 
 
 def _relatives(root) -> list[str]:
@@ -179,3 +196,84 @@ def test_hostile_names_give_safe_stable_ids(relative):
     assert ".." not in track_id
     assert len(track_id) <= 100
     assert make_track_id(relative) == track_id
+
+
+def test_make_track_id_without_normalising_hashes_the_exact_spelling():
+    digest = hashlib.sha256(f"{NFD_CAFE}.wav".encode()).hexdigest()[:12]
+    assert make_track_id(f"{NFD_CAFE}.wav", normalise=False) == f"cafe-{digest}"
+    assert make_track_id(f"{NFD_CAFE}.wav", normalise=False) != make_track_id(f"{NFD_CAFE}.wav")
+    assert make_track_id(f"{NFC_CAFE}.wav", normalise=False) == make_track_id(f"{NFC_CAFE}.wav")
+
+
+def test_twins_are_two_tracks_and_the_nfc_one_keeps_its_id(tmp_path, caplog):
+    skip_unless_twins_can_exist(tmp_path)
+    nfc, nfd = f"{NFC_CAFE}.wav", f"{NFD_CAFE}.wav"
+    ids_by_creation_order = []
+    for first, order in (("nfc_first", (nfc, nfd)), ("nfd_first", (nfd, nfc))):
+        for name in order:
+            write_audio(tmp_path / first / name, frequency=440 if name == nfc else 660)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mess_ai.audio.discovery"):
+            sources = discover_audio(tmp_path / first)
+        (record,) = caplog.records
+        assert "different files" in record.getMessage()
+        assert "differ only in Unicode normalisation" in record.getMessage()
+        assert ascii(nfc) in record.getMessage() and ascii(nfd) in record.getMessage()
+        assert discover_audio(tmp_path / first) == sources
+        ids = {s.relative: s.track_id for s in sources}
+        assert sorted(ids) == sorted([nfc, nfd])
+        assert ids[nfc] == make_track_id(nfc)
+        assert ids[nfd] == make_track_id(nfd, normalise=False) != ids[nfc]
+        assert ids[nfd].startswith("cafe-")
+        ids_by_creation_order.append(ids)
+    assert ids_by_creation_order[0] == ids_by_creation_order[1]
+
+
+def test_folder_twins_are_told_apart_and_files_alone_in_them_are_not(tmp_path):
+    skip_unless_twins_can_exist(tmp_path)
+    for name in (f"{NFC_CAFE}/a.wav", f"{NFD_CAFE}/a.wav", f"{NFD_CAFE}/b.wav"):
+        write_audio(tmp_path / name)
+    ids = {s.relative: s.track_id for s in discover_audio(tmp_path)}
+    assert len(set(ids.values())) == 3
+    assert ids[f"{NFC_CAFE}/a.wav"] == make_track_id(f"{NFC_CAFE}/a.wav")
+    assert ids[f"{NFD_CAFE}/a.wav"] == make_track_id(f"{NFD_CAFE}/a.wav", normalise=False)
+    assert ids[f"{NFD_CAFE}/b.wav"] == make_track_id(f"{NFC_CAFE}/b.wav")
+
+
+def test_every_spelling_gets_its_own_id_even_without_an_nfc_one(tmp_path):
+    skip_unless_twins_can_exist(tmp_path)
+    nfc, nfd = "\u00c9\u00e9.wav", "E\u0301e\u0301.wav"
+    mixed_a, mixed_b = "\u00c9e\u0301.wav", "E\u0301\u00e9.wav"
+    for name in (nfc, nfd, mixed_a):
+        write_audio(tmp_path / "three" / name)
+    for name in (nfd, mixed_a, mixed_b):
+        write_audio(tmp_path / "no_nfc" / name)
+    three = {s.relative: s.track_id for s in discover_audio(tmp_path / "three")}
+    assert three[nfc] == make_track_id(nfc) and len(set(three.values())) == 3
+    no_nfc = {s.relative: s.track_id for s in discover_audio(tmp_path / "no_nfc")}
+    assert no_nfc == {name: make_track_id(name, normalise=False) for name in (nfd, mixed_a, mixed_b)}
+    assert make_track_id(nfc) not in no_nfc.values()
+
+
+def test_audio_source_at_gives_twins_the_ids_of_the_walk(tmp_path):
+    skip_unless_twins_can_exist(tmp_path)
+    for name in (f"{NFC_CAFE}.wav", f"{NFD_CAFE}.wav", f"{NFC_CAFE}/a.wav", f"{NFD_CAFE}/a.wav",
+                 f"{NFD_CAFE}/b.wav", f"{NFD_CAFE}/.a.wav", f"x/{NFD_CAFE}.flac"):
+        write_audio(tmp_path / name)
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-via")
+    for root in (tmp_path, tmp_path.parent / f"{tmp_path.name}-via"):
+        walked = discover_audio(root)
+        assert len(walked) == 6
+        assert [audio_source_at(root, source.path) for source in walked] == walked
+
+
+def test_a_decomposed_name_alone_keeps_the_normalised_id(tmp_path, caplog):
+    skip_unless_twins_can_exist(tmp_path)
+    write_audio(tmp_path / f"{NFD_CAFE}.wav")
+    write_audio(tmp_path / NFD_CAFE / f"{NFD_CAFE}.wav")
+    with caplog.at_level(logging.WARNING, logger="mess_ai.audio.discovery"):
+        sources = discover_audio(tmp_path)
+    assert [s.track_id for s in sources] == [make_track_id(f"{NFC_CAFE}.wav"),
+                                             make_track_id(f"{NFC_CAFE}/{NFC_CAFE}.wav")]
+    assert [audio_source_at(tmp_path, s.path) for s in sources] == sources
+    assert not caplog.records
