@@ -8,6 +8,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The weights' digest cache of the tests' own checkpoints stays out of the user's ~/.cache.
+if "MESS_AI_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["MESS_AI_CACHE_DIR"] = tempfile.mkdtemp(prefix="mess-ai-test-cache-")
 
 import pytest  # noqa: E402
 

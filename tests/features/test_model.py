@@ -224,14 +224,14 @@ def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
     assert model_fingerprint(str(directory)) not in (first, second)
 
 
-def test_model_fingerprint_is_cheap_and_names_hub_ids(tiny_dir: Path) -> None:
+def test_model_fingerprint_is_cheap_and_names_hub_commits(tiny_dir: Path) -> None:
     started = time.perf_counter()
     for _ in range(50):
         model_fingerprint(str(tiny_dir))
 
     assert (time.perf_counter() - started) / 50 < 0.005
-    assert model_fingerprint(DEFAULT_MODEL) == "m-a-p/MERT-v1-95M@main"
-    assert model_fingerprint(DEFAULT_MODEL, "abc123") == "m-a-p/MERT-v1-95M@abc123"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert model_fingerprint(DEFAULT_MODEL, commit) == f"m-a-p/MERT-v1-95M@{commit}"  # the commit, not "main"
 
 
 def test_get_model_reloads_a_changed_checkpoint(tmp_path: Path) -> None:
