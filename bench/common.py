@@ -125,7 +125,11 @@ def run_flow(audio_dir: Path, store: Path, model: str, **parameters: Any) -> dic
     """The ``extract-features`` flow (on the CPU unless ``parameters`` say otherwise), with its own defaults."""
     from flows.extract import extract_features
 
+    from bench.probe import OVERHEAD_PROBE, PROBE_REVISION
+
     parameters.setdefault("device", "cpu")
+    if model == OVERHEAD_PROBE:
+        parameters.setdefault("revision", PROBE_REVISION)
     return extract_features(audio_dir=str(audio_dir), store=str(store), model=model, **parameters)
 
 

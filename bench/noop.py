@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import add_figure, add_target, audio_set, flow_model_loader, new_result, run_flow, warm_up_flow
-from bench.probe import OVERHEAD_PROBE, overhead_probe, refuse_model
+from bench.probe import OVERHEAD_PROBE, PROBE_REVISION, overhead_probe, refuse_model
 
 NAME = "noop"
 TARGET_SECONDS = 1.5
@@ -27,7 +27,7 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
     # Short 24 kHz mono files: their content is never read again, only listed and looked up.
     audio = audio_set(workdir, files, 2.0, sample_rate=24000, channels=1)
     store = workdir / "stores" / NAME
-    config = ExtractConfig(model=OVERHEAD_PROBE, device="cpu")
+    config = ExtractConfig(model=OVERHEAD_PROBE, revision=PROBE_REVISION, device="cpu")
     first = run_extraction(audio, store, dataset=NAME, config=config, model_loader=overhead_probe)
     if first.done != files:
         raise RuntimeError(f"filling the store extracted {first.done} of {files} files")

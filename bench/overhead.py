@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import add_figure, add_target, audio_set, flow_model_loader, new_result, run_flow, warm_up_flow
-from bench.probe import OVERHEAD_PROBE, overhead_probe
+from bench.probe import OVERHEAD_PROBE, PROBE_REVISION, overhead_probe
 
 NAME = "overhead"
 TARGET_SECONDS_PER_HOUR = 4.0
@@ -62,7 +62,7 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
     files, seconds = (2, 20.0) if quick else (20, 180.0)
     audio = audio_set(workdir, files, seconds)
     warm_up_flow(workdir)
-    config = ExtractConfig(model=OVERHEAD_PROBE, device="cpu")
+    config = ExtractConfig(model=OVERHEAD_PROBE, revision=PROBE_REVISION, device="cpu")
 
     repeats = 1 if quick else REPEATS
     flow_walls, flow_bodies, unlimited_walls, unlimited_bodies, plain_walls, decode_walls, summaries = (

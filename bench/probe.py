@@ -22,6 +22,8 @@ import torch
 from mess_ai.features.model import LoadedModel, mert_config, resolve_device
 
 OVERHEAD_PROBE = "mess-ai-bench/overhead-probe"
+# A hub-style name is pinned to a commit in the content key; the probe's is this one (no hub is ever asked).
+PROBE_REVISION = "0" * 40
 
 _MERT = mert_config("base")
 

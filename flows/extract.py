@@ -12,6 +12,7 @@ from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
 from mess_ai.audio import WindowSpec
+from mess_ai.audio.validation import AudioLimits
 from mess_ai.deadline import Deadline, StageTimeout, TimeLimits
 from mess_ai.features.model import DEFAULT_MODEL, resolve_device
 from mess_ai.monitoring import ResourceMonitor
@@ -45,7 +46,7 @@ def extract_features(
     hop_seconds: float = 2.5,
     min_duration_seconds: float = 1.0,
     files_per_task: int = 16,
-    minutes_per_task: float | None = None,
+    minutes_per_task: float | None = 60.0,
     gpu_limit: str = "gpu",
     gpu_slots: int = 1,
     only_failed: bool = False,
@@ -60,6 +61,10 @@ def extract_features(
     time_limit_per_audio_second: float = 2.0,
     chunk_time_limit_seconds: float | None = None,
     run_time_limit_hours: float | None = None,
+    reextract: bool = False,
+    min_sample_rate: int = 4000,
+    max_sample_rate: int = 384_000,
+    max_duration_hours: float = 6.0,
 ) -> dict[str, Any]:
     """Extract MERT-v1 embeddings for every new or changed recording under a folder.
 
@@ -78,7 +83,9 @@ def extract_features(
         min_duration_seconds: Shorter files are recorded as failed.
         files_per_task: At most this many files per extraction task (a chunk); the files are spread evenly over
             the chunks, at least two of them for two files or more.
-        minutes_per_task: Also cap a chunk at about this much audio; empty for no cap.
+        minutes_per_task: Also cap a chunk at about this much audio (a longer file makes a chunk of its own): the
+            flow's memory holds two chunks of decoded audio, about 5.8 MB per audio minute at 24 kHz; empty for
+            no cap (memory then grows with files_per_task times the files' lengths).
         gpu_limit: Name of the Prefect global concurrency limit the run holds for its model work (from its first
             chunk to its last); empty for none. "{host}" in it is replaced by this machine's host name (one limit
             per GPU host: "gpu:{host}").
@@ -101,6 +108,13 @@ def extract_features(
         time_limit_per_audio_second: A chunk's time limit per second of audio in it (headers' durations).
         chunk_time_limit_seconds: A fixed time limit per chunk instead of the derived one; empty: derived.
         run_time_limit_hours: The whole run's time limit; empty: its stages' limits added up.
+        reextract: The dataset holds features of another config (model weights, window, hop, precision) than
+            this run's: replace them (its tracks are redone as the run reaches them). Without it such a run is
+            refused; to keep both, name another dataset instead.
+        min_sample_rate: Files whose header gives a lower sampling rate are failed (permanently) before decoding.
+        max_sample_rate: Files whose header gives a higher sampling rate are failed before decoding.
+        max_duration_hours: Longer files are failed, from the header before decoding and while decoding (a header
+            that lies): this bounds the memory one file can take (about 350 MB per hour at 24 kHz).
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -108,11 +122,12 @@ def extract_features(
     config = ExtractConfig(model=model, revision=revision, device=device, precision=precision,
                            batch_size=batch_size, keep_raw=keep_raw,
                            window=WindowSpec(window_seconds, hop_seconds, min_duration_seconds),
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code,
+                           limits=AudioLimits(min_sample_rate, max_sample_rate, max_duration_hours * 3600))
     url = manifest_url_of_run(manifest_url, manifest_secret)
     monitor = ResourceMonitor(resolve_device(device))
     session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
-                                manifest_url=url, monitor=monitor)
+                                manifest_url=url, monitor=monitor, reextract=reextract)
     limits = TimeLimits(base_seconds=time_limit_base_seconds, seconds_per_audio_second=time_limit_per_audio_second,
                         chunk_seconds=chunk_time_limit_seconds,
                         run_seconds=run_time_limit_hours * 3600 if run_time_limit_hours else None)
@@ -127,8 +142,10 @@ def extract_features(
             if valid:
                 if gpu_limit:
                     ensure_concurrency_limit(gpu_limit, gpu_slots)
-                chunks = chunk_sources(valid, balanced_files_per_chunk(len(valid), files_per_task),
-                                       minutes_per_task * 60 if minutes_per_task else None, session.durations)
+                suspects, others = session.isolate(valid)
+                chunks = [[suspect] for suspect in suspects] + (chunk_sources(
+                    others, balanced_files_per_chunk(len(others), files_per_task),
+                    minutes_per_task * 60 if minutes_per_task else None, session.durations) if others else [])
                 chunk_limits = [limits.chunk(sum(session.durations.get(s.track_id, 0.0) for s in chunk), len(chunk))
                                 for chunk in chunks]
                 run_limit = limits.run(chunk_limits, session.discovered)
@@ -136,7 +153,8 @@ def extract_features(
                             ", ".join(f"{c:.0f} s" for c in chunk_limits[:4]) + (" ..." if len(chunks) > 4 else ""),
                             run_limit / 3600)
                 stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), GpuSlot(gpu_limit),
-                                          Deadline(run_limit, elapsed=time.perf_counter() - started))
+                                          Deadline(run_limit, elapsed=time.perf_counter() - started),
+                                          alone=len(suspects))
             if stopped is None:
                 problems = check_integrity(quote(session), limits)
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
@@ -184,10 +202,11 @@ def _record_timeout(session: ExtractionSession, timeout: StageTimeout, sources: 
 
 
 def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tuple[list, float]], slot: GpuSlot,
-                    deadline: Deadline) -> BaseException | None:
-    """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at
-    most two chunks of decoded audio whatever the number of files. The run's GPU slot is taken as the first
-    chunks start decoding, and given back after the last chunk, or when the run stops.
+                    deadline: Deadline, alone: int = 0) -> BaseException | None:
+    """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at most
+    two chunks of decoded audio whatever the number of files. The first ``alone`` chunks (one suspect file each: see
+    ``ExtractionSession.isolate``) run one at a time, with nothing else in flight. The run's GPU slot is taken as
+    the first chunks start decoding, and given back after the last chunk, or when the run stops.
 
     Returns what stopped the run (the model or store unusable, a chunk or the run past its time limit), or None.
     A chunk past its limit records the file it was stuck on as failed; no chunk starts after that, the chunks in
@@ -219,7 +238,7 @@ def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tu
     try:
         progress_id = start_progress(session.store.dataset, session.counts())
         for index, (chunk, limit) in enumerate(chunks):
-            if len(in_flight) == 2:
+            while len(in_flight) == 2 or (in_flight and index <= alone):
                 settle(*in_flight.pop(0))
             if fatal is None and deadline.passed():
                 fatal = StageTimeout("the run", deadline.seconds,

@@ -68,10 +68,14 @@ def _extract_config(args: argparse.Namespace):
     from mess_ai.pipeline import ExtractConfig
 
     args.model = args.model or DEFAULT_MODEL
+    from mess_ai.audio.validation import AudioLimits
+
     return ExtractConfig(model=args.model, revision=args.revision, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, keep_raw=args.keep_raw,
                          window=WindowSpec(args.window_seconds, args.hop_seconds, args.min_duration),
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code,
+                         limits=AudioLimits(args.min_sample_rate, args.max_sample_rate,
+                                            args.max_duration_hours * 3600))
 
 
 def print_summary(summary: Any, out: Any = None) -> None:
@@ -158,8 +162,10 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
                 revision=args.revision, device=args.device, precision=args.precision, batch_size=args.batch_size,
                 keep_raw=args.keep_raw, window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
                 min_duration_seconds=args.min_duration, files_per_task=args.files_per_task,
-                gpu_limit=gpu_limit, only_failed=only_failed,
-                trust_remote_code=args.trust_remote_code)
+                minutes_per_task=args.minutes_per_task, gpu_limit=gpu_limit, only_failed=only_failed,
+                trust_remote_code=args.trust_remote_code, reextract=args.reextract,
+                min_sample_rate=args.min_sample_rate, max_sample_rate=args.max_sample_rate,
+                max_duration_hours=args.max_duration_hours)
     finally:
         bar.close()
     summary = RunSummary.from_dict(result)
@@ -319,7 +325,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+                   help="auto: the dataset's own precision once it has features, else bf16 autocast on CUDA "
+                        "and fp32 elsewhere")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default by device)")
     p.add_argument("--keep-raw", action="store_true",
                    help="also store raw frame-level hidden states (float16, about 10 GB per audio hour)")
@@ -327,6 +334,19 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hop-seconds", type=float, default=2.5)
     p.add_argument("--min-duration", type=float, default=1.0, help="shorter files are recorded as failed")
     p.add_argument("--files-per-task", type=int, default=16, help="files per Prefect extraction task")
+    p.add_argument("--minutes-per-task", type=float, default=60.0,
+                   help="audio per extraction task, in minutes (a longer file is a task of its own); the memory "
+                        "of decoded audio is about two tasks' worth (default 60: ~0.7 GB)")
+    p.add_argument("--reextract", action="store_true",
+                   help="the dataset holds features of another config (model weights, window, hop, precision): "
+                        "replace them (refused without this; to keep both, name another --dataset)")
+    p.add_argument("--min-sample-rate", type=int, default=4000,
+                   help="files whose header gives a lower sampling rate fail before decoding (default 4000 Hz)")
+    p.add_argument("--max-sample-rate", type=int, default=384_000,
+                   help="files whose header gives a higher sampling rate fail before decoding (default 384000)")
+    p.add_argument("--max-duration-hours", type=float, default=6.0,
+                   help="longer files fail, from the header and while decoding; bounds one file's memory "
+                        "(about 350 MB per hour; default 6)")
     p.add_argument("--gpu-limit", default=None,
                    help="Prefect global concurrency limit held during model work ('' for none; default 'gpu' "
                         "with a Prefect server, none on the temporary API)")

@@ -43,5 +43,9 @@ class StoreError(MessError):
     """The feature store cannot be used (not writable, corrupt manifest, ...)."""
 
 
+class DatasetMismatchError(StoreError):
+    """A run would write a dataset that holds another folder's recordings, or features of another config."""
+
+
 class TrackBusyError(StoreError):
     """Another process holds the lock of a track right now."""

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,20 +28,26 @@ import numpy as np
 import mess_ai
 from mess_ai import progress as progress_events
 from mess_ai.audio import AudioSource, WindowSpec, discover_audio, load_mono, probe_audio, window_bounds
+from mess_ai.audio.opening import OpenedAudio, identity, open_audio, sha256_fd
+from mess_ai.audio.validation import AudioLimits
 from mess_ai.deadline import Activity, StageTimeout
-from mess_ai.errors import InputError, MessError, TrackBusyError
-from mess_ai.features.extractor import Extractor, TrackJob, resolve_precision
-from mess_ai.features.model import DEFAULT_MODEL, LoadedModel, get_model, model_fingerprint, resolve_device
+from mess_ai.errors import DatasetMismatchError, InputError, MessError, ModelError, TrackBusyError
+from mess_ai.features.extractor import Extractor, TrackJob, precision_problem, resolve_precision
+from mess_ai.features.model import DEFAULT_MODEL, LoadedModel, get_model, model_identity, resolve_device
 from mess_ai.monitoring import ResourceMonitor
 from mess_ai.store import DONE, FAILED, PENDING, ExpectedShapes, FeatureStore
+from mess_ai.store.manifest import unfinished_before
 from mess_ai.store.integrity import IntegrityReport, check_dataset
-from mess_ai.store.keys import FEATURE_FORMAT_VERSION, config_key, sha256_file
+from mess_ai.store.keys import FEATURE_FORMAT_VERSION, config_key
 
 log = logging.getLogger(__name__)
 
 STAGES = ("discover", "validate", "preprocess", "extract", "write", "integrity")
 # Attempts that ended in a time-out before a file counts as failed for good (until its bytes change).
 TIMEOUTS_BEFORE_GIVING_UP = 3
+# Attempts during which the process died (killed by the kernel for memory, a crash in a decoder) before a file
+# counts as failed for good (until its bytes change): one file cannot kill every night.
+UNFINISHED_BEFORE_GIVING_UP = 3
 
 
 @dataclass(frozen=True)
@@ -55,15 +62,43 @@ class ExtractConfig:
     keep_raw: bool = False
     window: WindowSpec = field(default_factory=WindowSpec)
     trust_remote_code: bool = False
+    # Sampling-rate range and maximum duration of a file: checked on the header before decoding, and while
+    # decoding (memory per file is bounded by them, whatever a header claims). Not part of the content key.
+    limits: AudioLimits = field(default_factory=AudioLimits)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def key(self) -> str:
-        """The content key of this config: same key, same features (batch size and raw do not change them)."""
-        precision = resolve_precision(self.precision, resolve_device(self.device))
-        return config_key({"model": model_fingerprint(self.model, self.revision), "window": self.window.to_dict(),
-                           "precision": precision})
+    def key(self, precision: str | None = None, fingerprint: str | None = None) -> str:
+        """The content key of this config: same key, same features (batch size and raw do not change them).
+
+        What changes the numbers: the weights actually loaded (``fingerprint``: ``model_identity``'s, by default
+        resolved now: a local folder by the hash of its files, a hub id by the commit its revision stands for),
+        the windowing, and ``precision``, the precision actually used (``auto`` resolved, see
+        ``resolve_precision``; default: this config's own on its device)."""
+        precision = precision or resolve_precision(self.precision, resolve_device(self.device))
+        fingerprint = fingerprint or model_identity(self.model, self.revision)["fingerprint"]
+        return config_key({"model": fingerprint, "window": self.window.to_dict(), "precision": precision})
+
+    def describe(self, precision: str, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What makes the numbers, in words a person can compare: recorded for each config a dataset has had."""
+        identity = identity or model_identity(self.model, self.revision)
+        return {"model": self.model, "revision": self.revision, "resolved_revision": identity["resolved_revision"],
+                "model_fingerprint": identity["fingerprint"],
+                "window_seconds": self.window.window_seconds, "hop_seconds": self.window.hop_seconds,
+                "min_duration_seconds": self.window.min_duration_seconds, "precision": precision}
+
+
+def describe_config_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'window 5.0 s -> 10.0 s, precision bf16 -> fp32': what differs between two ``ExtractConfig.describe``."""
+    if not old:
+        return "a config recorded before mess-ai kept dataset configs"
+    names = {"model_fingerprint": "model weights", "window_seconds": "window", "hop_seconds": "hop",
+             "min_duration_seconds": "minimum duration", "precision": "precision", "model": "model"}
+    units = {"window_seconds": " s", "hop_seconds": " s", "min_duration_seconds": " s"}
+    changes = [f"{label} {old.get(name)}{units.get(name, '')} -> {new.get(name)}{units.get(name, '')}"
+               for name, label in names.items() if old.get(name) != new.get(name)]
+    return ", ".join(changes) or "the same settings (another content key: the key's format changed)"
 
 
 @dataclass
@@ -208,14 +243,20 @@ class _Track:
     raw: Any = None
     released: bool = False
     stat: Any = None  # the file's os.stat_result when it was hashed
+    settled: bool = False  # its outcome (done or failed) is in the manifest
+    end_attempt: Callable[[], None] | None = None  # says the attempt was given back, not died in
 
     def release(self) -> None:
-        """Close what is open and give the track back to other runs; once, whatever fails on the way."""
+        """Close what is open and give the track back to other runs; once, whatever fails on the way. A track
+        given back without an outcome (the run stopped in order) is recorded as such: only attempts the process
+        died in count towards giving up on a file."""
         if self.released:
             return
         self.released = True
         try:
             self.resources.close()  # an unfinished raw file: its temporary file is removed
+            if not self.settled and self.end_attempt is not None:
+                self.end_attempt()
         finally:
             self.lock.release()
 
@@ -223,10 +264,11 @@ class _Track:
 _DECODE_TRIES = 3
 
 
-def _identity(stat: Any) -> tuple[int, ...]:
-    """What changes whenever a file's bytes may have: a new inode (replaced by a rename), a new size, mtime or
-    change time (ctime cannot be set back by a copy tool)."""
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+def file_identity(stat: os.stat_result) -> str:
+    """'<inode>:<ctime_ns>': with size and mtime, what says a file still holds the bytes hashed earlier. A copy
+    that keeps size and mtime (``cp -p``, ``rsync -t``) is a new inode, or at least a new change time, which no
+    tool can set back. (Not the device: a network mount has another on each machine sharing a manifest.)"""
+    return f"{stat.st_ino}:{stat.st_ctime_ns}"
 
 
 def _versions() -> dict[str, str]:
@@ -241,13 +283,17 @@ def _versions() -> dict[str, str]:
             "soxr": soxr.__version__}
 
 
-def build_provenance(config: ExtractConfig, model: LoadedModel, key: str) -> dict[str, Any]:
+def build_provenance(config: ExtractConfig, model: LoadedModel, key: str, precision: str | None = None,
+                     identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    identity = identity or model_identity(config.model, config.revision)
     return {
         "config_key": key,
         "feature_format_version": FEATURE_FORMAT_VERSION,
         "model": config.model,
         "revision": config.revision,
-        "model_fingerprint": model_fingerprint(config.model, config.revision),
+        "resolved_revision": identity["resolved_revision"],
+        "model_fingerprint": identity["fingerprint"],
+        "weights_sha256": identity["weights_sha256"],
         "sampling_rate": model.sampling_rate,
         "do_normalize": model.do_normalize,
         "window_seconds": config.window.window_seconds,
@@ -256,7 +302,7 @@ def build_provenance(config: ExtractConfig, model: LoadedModel, key: str) -> dic
         "num_hidden_states": model.num_hidden_states,
         "hidden_size": model.hidden_size,
         "layers": list(range(model.num_hidden_states)),
-        "precision": resolve_precision(config.precision, model.device),
+        "precision": precision or resolve_precision(config.precision, model.device),
         "scales": {
             "aggregated": "float32 [n_hidden_states, hidden_size]: mean over all windows and frames",
             "segments": "float32 [n_windows, n_hidden_states, hidden_size]: mean over each window's frames",
@@ -314,10 +360,19 @@ class ExtractionSession:
     def __init__(self, store_root: str | Path, dataset: str, config: ExtractConfig | None = None, *,
                  manifest_url: str | None = None, progress: ProgressCallback | None = None,
                  model_loader: Callable[..., LoadedModel] = get_model,
-                 monitor: ResourceMonitor | None = None) -> None:
+                 monitor: ResourceMonitor | None = None, reextract: bool = False) -> None:
         self.config = config or ExtractConfig()
         self.store = FeatureStore(store_root, dataset, manifest_url)
-        self.key = self.config.key()
+        self.reextract = reextract
+        self.record = self.store.manifest.dataset_record(self.store.dataset)
+        recorded = self.record["configs"].get(self.record["config_key"], {}) if self.record else {}
+        dataset_precision = recorded.get("precision") or (self.store.read_provenance() or {}).get("precision")
+        # The precision actually used: with ``auto``, the dataset's own (never a silent re-extraction in another).
+        self.precision = resolve_precision(self.config.precision, resolve_device(self.config.device),
+                                           dataset_precision)
+        # The weights, resolved once: the key, the provenance and the model loaded all name the same ones.
+        self.identity = model_identity(self.config.model, self.config.revision)
+        self.key = self.config.key(self.precision, self.identity["fingerprint"])
         self.progress = progress or progress_events.emit
         self.durations: dict[str, float] = {}
         self.model_loader = model_loader
@@ -332,6 +387,9 @@ class ExtractionSession:
         self.discovered = 0
         self.not_selected = 0
         self.selected: set[str] = set()  # track ids of the files chosen for work by ``plan``
+        # Files whose last attempt never ended (the process died during it): each is extracted alone, so that
+        # when one kills the process again, no other file's attempt dies with it (see ``isolate``).
+        self.suspects: set[str] = set()
         self._model: LoadedModel | None = None
         self._extractor: Extractor | None = None
         self._lock = threading.RLock()
@@ -388,6 +446,7 @@ class ExtractionSession:
         audio_dir = Path(audio_dir)
         if not audio_dir.is_dir():
             raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
+        self.open_dataset(audio_dir)
         with self._stage("discover"):
             sources = discover_audio(audio_dir)
             self.store.sweep_temp_files()
@@ -396,14 +455,83 @@ class ExtractionSession:
             self.stage_files["discover"] += len(sources)
         return sources
 
+    def open_dataset(self, audio_dir: str | Path) -> None:
+        """Check that this run may write this dataset, and record what the dataset is on its first run.
+
+        A dataset holds the recordings of one audio folder, extracted with one config: a run from another folder
+        (``2023/audio`` and ``2024/audio`` both default to the dataset ``audio``) would overwrite the features of
+        the files both folders name alike, and a run with another config would silently re-extract everything (or,
+        stopped half-way, leave a mix). Both raise ``DatasetMismatchError``, unless ``reextract`` asks for the new
+        config: then the dataset's config changes, and its tracks are re-extracted as the run reaches them (their
+        old features are kept until new ones replace them; until the last one has, the dataset is mixed).
+        A dataset of an earlier mess-ai, with no record yet, is recorded from its manifest rows and this run."""
+        folder = os.path.realpath(audio_dir)
+        description = self.config.describe(self.precision, self.identity)
+        record = self.store.manifest.dataset_record(self.store.dataset)
+        if record is None:
+            recorded_folder = self._folder_of_rows()
+            if recorded_folder is not None and recorded_folder != folder:
+                raise self._other_folder(recorded_folder, folder)
+            if self.store.manifest.create_dataset_record(self.store.dataset, audio_dir=folder, config_key=self.key,
+                                                         configs={self.key: description}):
+                self.record = self.store.manifest.dataset_record(self.store.dataset)
+                stale = {key: n for key, n in self.store.manifest.feature_configs(self.store.dataset).items()
+                         if key != self.key}
+                if stale:
+                    log.warning("Dataset '%s' was extracted by an earlier mess-ai, whose content keys named the "
+                                "weights differently: its %d tracks are extracted again by this run (once).",
+                                self.store.dataset, sum(stale.values()))
+                return
+            record = self.store.manifest.dataset_record(self.store.dataset)  # created by a run at the same moment
+        if record["audio_dir"] != folder:
+            raise self._other_folder(record["audio_dir"], folder)
+        if record["config_key"] != self.key:
+            change = describe_config_change(record["configs"].get(record["config_key"], {}), description)
+            if not self.reextract:
+                raise DatasetMismatchError(
+                    f"dataset '{self.store.dataset}' of store {self.store.root} holds features extracted with "
+                    f"another config than this run's ({change}). To keep both, extract into another dataset: "
+                    f"--dataset NAME (flow parameter 'dataset'); to replace its features with this config's, "
+                    f"ask for it: --reextract (flow parameter 'reextract'). Nothing was changed.")
+            log.warning("Re-extracting dataset '%s' with a new config (%s): its tracks are redone as the run "
+                        "reaches them; their old features stay until new ones replace them, and until every track "
+                        "is redone `mess-ai check` reports the dataset as mixed and the analysis refuses it.",
+                        self.store.dataset, change)
+            self.store.manifest.update_dataset_record(self.store.dataset, config_key=self.key,
+                                                      configs={**record["configs"], self.key: description})
+        self.record = self.store.manifest.dataset_record(self.store.dataset)
+
+    def _other_folder(self, recorded: str, folder: str) -> DatasetMismatchError:
+        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(Path(folder).parts[-2:])).lstrip(".-_")[:100]
+        return DatasetMismatchError(
+            f"dataset '{self.store.dataset}' of store {self.store.root} holds the recordings of {recorded}; this "
+            f"run reads {folder}. Two folders cannot share a dataset (files named alike would overwrite each "
+            f"other's features): name this folder's dataset, e.g. --dataset {suggestion or 'NAME'} "
+            f"(flow parameter 'dataset'). Nothing was changed.")
+
+    def _folder_of_rows(self) -> str | None:
+        """The audio folder a dataset of an earlier mess-ai (no record) was extracted from: its rows' source paths
+        without their relative paths (the most common one), or None for a dataset without rows."""
+        folders: dict[str, int] = {}
+        for row in self.store.manifest.rows(self.store.dataset):
+            source, relative = row["source_path"], row["relative_path"]
+            if source.endswith(relative):
+                folder = os.path.realpath(source[: len(source) - len(relative)].rstrip("/") or "/")
+                folders[folder] = folders.get(folder, 0) + 1
+        return max(folders, key=folders.__getitem__) if folders else None
+
     @staticmethod
-    def _content_hash(source: AudioSource, row: dict[str, Any] | None, stat: os.stat_result | None = None) -> str:
-        """sha256 of the file's bytes, reused from the manifest while size and mtime (of ``stat``, taken now when
-        not given) are unchanged."""
-        stat = stat or source.path.stat()
-        if row is not None and row["size"] == stat.st_size and row["mtime_ns"] == stat.st_mtime_ns and row["sha256"]:
+    def _content_hash(source: AudioSource, row: dict[str, Any] | None, opened: OpenedAudio | None = None) -> str:
+        """sha256 of the file's bytes, reused from the manifest while size, mtime and identity are unchanged; read from
+        ``opened`` when given, else from the file opened the safe way (a FIFO raises at once, never blocks)."""
+        stat = opened.stat if opened is not None else source.path.stat()
+        if row is not None and row["sha256"] and row["size"] == stat.st_size and row["mtime_ns"] == stat.st_mtime_ns \
+                and row.get("file_identity") in (None, file_identity(stat)):  # None: a row of an earlier version
             return row["sha256"]
-        return sha256_file(source.path)
+        if opened is not None:
+            return sha256_fd(opened.fd)
+        with open_audio(source.path, allow_empty=True) as fresh:
+            return sha256_fd(fresh.fd)
 
     def _settled(self, source: AudioSource, row: dict[str, Any] | None, provenance: dict[str, Any]) -> str | None:
         """'unchanged' or 'previously_failed' when the file needs no work now, else None."""
@@ -411,8 +539,8 @@ class ExtractionSession:
             return None
         try:
             sha = self._content_hash(source, row)
-        except OSError:
-            return None  # unreadable now: the attempt records why
+        except (OSError, InputError):
+            return None  # unreadable now, or not a regular file: the attempt records why
         if sha != row["sha256"]:
             return None
         if row["status"] == DONE and provenance.get("config_key") == self.key and self.store.outputs_valid(
@@ -449,6 +577,9 @@ class ExtractionSession:
                 settled = self._settled(source, row, provenance)
                 if settled is None:
                     pending.append(source)
+                    if row is not None and row["status"] == PENDING and (row.get("unfinished") or 0) > 0:
+                        with self._lock:
+                            self.suspects.add(source.track_id)
                 elif settled == "unchanged":
                     self._record(FileOutcome(source.track_id, source.relative, "unchanged"), announce=False)
                 else:
@@ -461,6 +592,16 @@ class ExtractionSession:
             self.selected.update(source.track_id for source in pending)
         self.progress("plan", {"discovered": len(sources), "pending": len(pending)})
         return pending
+
+    def isolate(self, sources: list[AudioSource]) -> tuple[list[AudioSource], list[AudioSource]]:
+        """(suspects, the others): the sources whose last attempt the process died in, to be extracted first and
+        one at a time, with nothing else in flight, and the rest. A file that kills the process then counts its
+        deaths alone, and the files that were in flight beside it before are not given up on with it."""
+        suspects = [s for s in sources if s.track_id in self.suspects]
+        if suspects:
+            log.warning("%d files were being extracted when an earlier run's process died: extracting them one "
+                        "at a time first (%s).", len(suspects), ", ".join(s.relative for s in suspects[:5]))
+        return suspects, [s for s in sources if s.track_id not in self.suspects]
 
     def still_pending(self, sources: list[AudioSource]) -> list[AudioSource]:
         """The subset of ``sources`` not settled since planning (used when a chunk is retried)."""
@@ -477,21 +618,46 @@ class ExtractionSession:
             return None
         return lock
 
-    def _begin(self, source: AudioSource, lock: Any) -> tuple[_Track, OSError | None]:
+    def _begin(self, source: AudioSource, lock: Any, opened: OpenedAudio | None = None,
+               error: BaseException | None = None) -> tuple[_Track, BaseException | None]:
+        """Record an attempt on ``source`` (whose lock is held), with the hash of the bytes ``opened`` holds (the
+        file opened once, the safe way, by the caller: ``error`` when that failed). Returns the track and what
+        stops the attempt before it starts: that error, a hash that cannot be read, or a poison file (the
+        process died during its last ``UNFINISHED_BEFORE_GIVING_UP`` attempts)."""
         row = self.store.manifest.get(self.store.dataset, source.track_id)
-        hash_error = None
-        try:
-            stat = source.path.stat()  # before hashing: a change during the hash shows after decoding
-            sha: str | None = self._content_hash(source, row, stat)
-        except OSError as exc:
-            stat, sha, hash_error = None, None, exc
+        stat, sha = None, None
+        if opened is not None and error is None:
+            try:
+                stat = opened.stat  # before hashing: a change during the hash shows after decoding
+                sha = self._content_hash(source, row, opened)
+            except OSError as exc:
+                stat, sha, error = None, None, exc
+        died = unfinished_before(row, sha, self.key)
         attempts = self.store.manifest.begin_attempt(
             self.store.dataset, source.track_id, source_path=str(source.path), relative_path=source.relative,
             size=stat.st_size if stat else None, mtime_ns=stat.st_mtime_ns if stat else None, sha256=sha,
-            config_key=self.key)
+            config_key=self.key, file_identity=file_identity(stat) if stat else None)
         for temp in self.store.temp_files(source.track_id):
             temp.unlink(missing_ok=True)  # left by a killed run; we hold the lock now
-        return _Track(source, lock, attempts, time.perf_counter(), stat=stat), hash_error
+        dataset, track_id = self.store.dataset, source.track_id
+        track = _Track(source, lock, attempts, time.perf_counter(), stat=stat,
+                       end_attempt=lambda: self.store.manifest.end_attempt(dataset, track_id))
+        if error is None and died >= UNFINISHED_BEFORE_GIVING_UP:
+            error = InputError(source.path, f"the process ended {died} times while extracting this file (killed, "
+                                            "e.g. for memory, or crashed) without recording an outcome: given up "
+                                            "on, not retried until the file changes", "preprocess")
+        return track, error
+
+    def _begin_opening(self, source: AudioSource, lock: Any) -> tuple[_Track, BaseException | None]:
+        """``_begin`` on the file opened here, and closed again once hashed (for a file found unusable before
+        decoding: its hash lets later runs skip the same bytes)."""
+        files = contextlib.ExitStack()
+        try:
+            opened = files.enter_context(open_audio(source.path, allow_empty=True))
+        except (OSError, InputError) as exc:
+            return self._begin(source, lock, None, exc)
+        with files:
+            return self._begin(source, lock, opened)
 
     def _fail(self, track: _Track, stage: str, exc: BaseException) -> None:
         permanent = isinstance(exc, InputError)
@@ -499,7 +665,8 @@ class ExtractionSession:
         seconds = time.perf_counter() - track.started
         try:
             track.resources.close()
-            self.store.remove_outputs(track.source.track_id)
+            # The track's features of an earlier extraction, if any, stay: only new complete ones replace them.
+            track.settled = True
             self.store.manifest.mark_failed(self.store.dataset, track.source.track_id, stage=stage,
                                             error_class=type(exc).__name__, message=reason, permanent=permanent,
                                             seconds_spent=seconds, duration_seconds=track.duration_seconds or None)
@@ -552,7 +719,7 @@ class ExtractionSession:
             for source in sources:
                 try:
                     self.activity.set(f"reading the header of {source.relative}", source.track_id, "validate")
-                    info = probe_audio(source.path, self.config.window.min_duration_seconds)
+                    info = probe_audio(source.path, self.config.window.min_duration_seconds, self.config.limits)
                 except InputError as exc:
                     error: BaseException = exc
                 except OSError as exc:
@@ -562,7 +729,7 @@ class ExtractionSession:
                         self.durations[source.track_id] = info.duration_seconds
                     valid.append(source)
                     continue
-                track, _ = self._begin(source, self._lock_track(source, wait=True))
+                track, _ = self._begin_opening(source, self._lock_track(source, wait=True))
                 self._fail(track, "validate", error)
         return valid
 
@@ -595,13 +762,24 @@ class ExtractionSession:
             self._record(FileOutcome(source.track_id, source.relative, status), announce=False)
             return None
         self.activity.set(f"reading and decoding {source.relative}", source.track_id, "preprocess")
-        track, hash_error = self._begin(source, lock)
-        if hash_error is not None:
-            self._fail(track, "preprocess", hash_error)
-            return None
+        with contextlib.ExitStack() as files:
+            # Opened once (not following links, never waiting on a FIFO), then hashed and decoded from that
+            # descriptor: the bytes hashed are the bytes decoded.
+            try:
+                opened, error = files.enter_context(open_audio(source.path)), None
+            except (OSError, InputError) as exc:
+                opened, error = None, exc
+            track, error = self._begin(source, lock, opened, error)
+            if error is not None:
+                self._fail(track, "preprocess", error)
+                return None
+            return self._decode_track(track, opened, sampling_rate)
+
+    def _decode_track(self, track: _Track, opened: OpenedAudio, sampling_rate: int) -> TrackJob | None:
+        source = track.source
         started = time.perf_counter()
         try:
-            signal = self._decode_unchanged(track, sampling_rate)
+            signal = self._decode_unchanged(track, opened, sampling_rate)
             track.duration_seconds = len(signal) / sampling_rate
             bounds = window_bounds(len(signal), sampling_rate, self.config.window)
         except InputError as exc:
@@ -620,21 +798,22 @@ class ExtractionSession:
                 self.stage_audio_seconds["preprocess"] += track.duration_seconds
         return TrackJob(source.track_id, signal, bounds, context=track)
 
-    def _decode_unchanged(self, track: _Track, sampling_rate: int) -> np.ndarray:
-        """Decode the file, making sure the bytes decoded are the bytes hashed: a file replaced meanwhile (even
-        keeping its size and mtime, as ``cp -p`` does: the inode's change time still moves) is hashed and
-        decoded again, so the manifest's sha256 always describes the features."""
+    def _decode_unchanged(self, track: _Track, opened: OpenedAudio, sampling_rate: int) -> np.ndarray:
+        """Decode the opened file, making sure the bytes decoded are the bytes hashed: a file rewritten in place
+        meanwhile (even keeping its size and mtime, as ``cp -p`` does: the inode's change time still moves) is
+        hashed and decoded again, so the manifest's sha256 always describes the features. (A file replaced by a
+        rename does not matter: the descriptor still reads the bytes that were hashed.)"""
         source = track.source
         for _ in range(_DECODE_TRIES):
-            signal = load_mono(source.path, sampling_rate)
-            now = source.path.stat()
-            if _identity(now) == _identity(track.stat):
+            signal = load_mono(opened, sampling_rate, limits=self.config.limits)
+            now = os.fstat(opened.fd)
+            if identity(now) == identity(track.stat):
                 return signal
             log.info("%s changed while it was read: reading it again.", source.relative)
-            sha = sha256_file(source.path)
+            sha = sha256_fd(opened.fd)
             track.stat = now
             self.store.manifest.update_content(self.store.dataset, source.track_id, size=now.st_size,
-                                               mtime_ns=now.st_mtime_ns, sha256=sha)
+                                               mtime_ns=now.st_mtime_ns, sha256=sha, file_identity=file_identity(now))
         raise OSError(f"{source.path} kept changing while it was read ({_DECODE_TRIES} tries): it is tried again "
                       "on the next run")
 
@@ -647,14 +826,26 @@ class ExtractionSession:
         """The model, loaded on first use only (a run with nothing new never loads it)."""
         with self._lock:
             if self._model is None:
-                self._model = self.model_loader(self.config.model, self.config.revision, self.config.device,
+                # A hub model is loaded at the commit the key names, not at wherever its branch has moved since.
+                revision = self.identity["resolved_revision"] or self.config.revision
+                self._model = self.model_loader(self.config.model, revision, self.config.device,
                                                 trust_remote_code=self.config.trust_remote_code)
-                provenance = build_provenance(self.config, self._model, self.key)
+                problem = precision_problem(self.precision, self._model.device)
+                if problem is not None:
+                    self._model = None
+                    raise ModelError(
+                        f"this worker's device cannot run {self.precision}, the precision of dataset "
+                        f"'{self.store.dataset}' ({problem}): run it on a worker that can (CUDA or CPU), or "
+                        f"re-extract the dataset in another precision (--precision fp32 --reextract)")
+                if self.precision == "bf16" and self._model.device.type == "cpu":
+                    log.info("Running bf16 autocast on the CPU: the precision of dataset '%s' (slower than fp32 "
+                             "where the CPU has no bf16 instructions).", self.store.dataset)
+                provenance = build_provenance(self.config, self._model, self.key, self.precision, self.identity)
                 if self.store.read_provenance() != provenance:
                     self.store.write_provenance(provenance)
                 self._extractor = Extractor(
                     self._model, round(self.config.window.window_seconds * self._model.sampling_rate),
-                    self.config.batch_size, self.config.precision, self.config.keep_raw)
+                    self.config.batch_size, self.precision, self.config.keep_raw)
             return self._model
 
     def extract(self, jobs: Iterable[TrackJob], slot: Callable[[], ContextManager] = contextlib.nullcontext
@@ -732,6 +923,7 @@ class ExtractionSession:
             return self.outcomes[job.track_id]
         seconds = time.perf_counter() - track.started
         try:
+            track.settled = True
             self.store.manifest.mark_done(self.store.dataset, job.track_id,
                                           duration_seconds=track.duration_seconds, n_windows=job.n_windows,
                                           seconds_spent=seconds)
@@ -788,13 +980,17 @@ def run_extraction(
     progress: ProgressCallback | None = None,
     model_loader: Callable[..., LoadedModel] = get_model,
     prefetch_depth: int = 2,
+    reextract: bool = False,
 ) -> RunSummary:
     """Extract features for every new or changed audio file under ``audio_dir`` into ``store_root``, in plain
     Python (no Prefect).
 
     ``dataset`` defaults to the audio folder's name. ``only_failed`` re-runs just the files whose last attempt
-    failed. Raises ``FileNotFoundError`` for a missing folder, ``ModelError`` when the model cannot be loaded
-    and ``StoreError`` when the store cannot be used; a bad audio file never raises, it is recorded.
+    failed. ``reextract`` lets a run with another config than the dataset's replace its features (else refused).
+    Raises ``FileNotFoundError`` for a missing folder, ``ModelError`` when the model cannot be loaded,
+    ``DatasetMismatchError`` when the dataset holds another folder's recordings or another config's features
+    (without ``reextract``), and ``StoreError`` when the store cannot be used; a bad audio file never raises,
+    it is recorded.
     """
     wall_started = time.perf_counter()
     config = config or ExtractConfig()
@@ -802,7 +998,7 @@ def run_extraction(
     monitor = ResourceMonitor(resolve_device(config.device))
     session = ExtractionSession(store_root, dataset or audio_dir.absolute().name, config,
                                 manifest_url=manifest_url, progress=progress, model_loader=model_loader,
-                                monitor=monitor)
+                                monitor=monitor, reextract=reextract)
     try:
         with monitor:
             sources = session.discover(audio_dir)
@@ -810,8 +1006,11 @@ def run_extraction(
             log.info("Found %d audio files in %s: %d to extract (%s).", len(sources), audio_dir, len(pending),
                      session.counts().describe(finished=False))
             valid = session.validate(pending)
-            if valid:
-                jobs = session.preprocess(valid)
+            suspects, others = session.isolate(valid)
+            for suspect in suspects:  # alone: nothing else in flight
+                session.extract(list(session.preprocess([suspect])))
+            if others:
+                jobs = session.preprocess(others)
                 if prefetch_depth > 0:
                     jobs = prefetch(jobs, prefetch_depth, session.abandon)
                 session.extract(jobs)

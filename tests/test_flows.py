@@ -150,12 +150,12 @@ def test_transient_failure_is_retried_and_succeeds(tmp_path, tiny_model, monkeyp
     real_load = mess_ai.pipeline.load_mono
     calls = {"flaky.wav": 0}
 
-    def flaky_load(path, rate, **kwargs):  # fault injection: the first read of flaky.wav hits an I/O error
-        if path.name == "flaky.wav":
+    def flaky_load(opened, rate, **kwargs):  # fault injection: the first read of flaky.wav hits an I/O error
+        if opened.path.name == "flaky.wav":
             calls["flaky.wav"] += 1
             if calls["flaky.wav"] == 1:
                 raise OSError(5, "Input/output error (injected)")
-        return real_load(path, rate, **kwargs)
+        return real_load(opened, rate, **kwargs)
 
     monkeypatch.setattr(mess_ai.pipeline, "load_mono", flaky_load)
     result = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=8)
@@ -175,10 +175,10 @@ def test_persistent_transient_failure_recorded_after_last_attempt(tmp_path, tiny
     write_audio(audio / "fine.wav", seconds=3.0, frequency=300)
     real_load = mess_ai.pipeline.load_mono
 
-    def failing_load(path, rate, **kwargs):
-        if path.name == "broken_disk.wav":
+    def failing_load(opened, rate, **kwargs):
+        if opened.path.name == "broken_disk.wav":
             raise OSError(5, "Input/output error (injected)")
-        return real_load(path, rate, **kwargs)
+        return real_load(opened, rate, **kwargs)
 
     monkeypatch.setattr(mess_ai.pipeline, "load_mono", failing_load)
     state = run_flow(audio, tmp_path / "store", tiny_model, retries=2, return_state=True)

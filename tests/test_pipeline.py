@@ -178,7 +178,7 @@ def test_new_config_reextracts(tmp_path, tiny_model):
     audio = tmp_path / "audio"
     write_audio(audio / "t.wav", seconds=8.0)
     run_extraction(audio, tmp_path / "store", config=config(tiny_model))
-    summary = run_extraction(audio, tmp_path / "store",
+    summary = run_extraction(audio, tmp_path / "store", reextract=True,
                              config=config(tiny_model, window=WindowSpec(window_seconds=4.0, hop_seconds=2.0)))
     assert summary.done == 1
     segments = load_npy(tmp_path / "store" / "audio" / "segments" / f"{summary.outcomes[0].track_id}.npy")

@@ -79,18 +79,17 @@ def test_a_file_whose_read_blocks_fails_the_run_in_bounded_time_and_frees_the_gp
     audio = tmp_path / "audio"
     for name in ("a.wav", "b.wav", "c.wav", "d.wav"):
         write_audio(audio / name, seconds=3.0)
-    stuck = audio / "b.wav"
-    validate = mess_ai.pipeline.ExtractionSession.validate
+    # Reading b.wav blocks in C code and never returns, as a read from a network mount that stopped answering
+    # does (a FIFO no longer can: files are opened non-blocking, and a FIFO fails at once).
+    never = threading.Event()
+    load_mono = mess_ai.pipeline.load_mono
 
-    def validate_then_swap(self, sources):
-        # b.wav passes validation, then is replaced by a FIFO (a file on a mount that stops answering reads
-        # behaves the same): reading it blocks in C code forever.
-        valid = validate(self, sources)
-        stuck.unlink()
-        os.mkfifo(stuck)
-        return valid
+    def stuck_on_b(opened, *args, **kwargs):
+        if opened.path.name == "b.wav":
+            never.wait()
+        return load_mono(opened, *args, **kwargs)
 
-    monkeypatch.setattr(mess_ai.pipeline.ExtractionSession, "validate", validate_then_swap)
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", stuck_on_b)
     limit = "gpu-time-limit-test"
     started = time.monotonic()
     try:
@@ -104,7 +103,7 @@ def test_a_file_whose_read_blocks_fails_the_run_in_bounded_time_and_frees_the_gp
         finally:
             fs.close()
     finally:
-        unblock_fifo(stuck)  # (its thread then goes on with an empty file: read the manifest before)
+        never.set()  # (its thread then goes on: read the manifest before)
     assert state.is_failed()
     assert "chunk 1 of 2 did not finish within its time limit of 10 s" in state.message
     assert "b.wav" in state.message

@@ -16,6 +16,7 @@ from mess_ai.analysis.preprocessing import LAYER_MEAN, Layer, check_layer
 from mess_ai.errors import StoreError
 from mess_ai.store import DONE, SCALES, FeatureStore, check_dataset_name, load_npy
 from mess_ai.store.atomic import read_npy_header
+from mess_ai.store.integrity import config_mix
 from mess_ai.store.layout import MANIFEST_FILE, PROVENANCE_FILE
 
 LAYER_ALL = "all"
@@ -105,8 +106,12 @@ def read_tracks(store_root: str | Path, dataset: str | None = None, manifest_url
     try:
         rows = store.manifest.rows(dataset, DONE)
         provenance = store.read_provenance() or {}
+        mix = config_mix(store.manifest, dataset)
     finally:
         store.close()
+    if mix:
+        # Features of two configs side by side would compare apples with oranges, silently.
+        raise StoreError(f"dataset '{dataset}' cannot be analysed: {mix}")
     tracks = [TrackInfo(r["track_id"], r["relative_path"], r["source_path"], r["sha256"], r["config_key"],
                         r["duration_seconds"]) for r in rows]
     return dataset, tracks, provenance

@@ -33,13 +33,29 @@ DEFAULT_BATCH_SIZE = {"cuda": 32, "mps": 8, "cpu": 4}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 autocast on CUDA and fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device, dataset_precision: str | None = None) -> str:
+    """The precision a run uses. ``auto`` is the dataset's own precision when it has features already (a CPU
+    worker joining a GPU pool, or a laptop run on a store built on a GPU, runs bf16 autocast on the CPU rather
+    than re-extract the dataset in fp32), else bf16 autocast on CUDA and fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
+        if dataset_precision in PRECISIONS and dataset_precision != "auto":
+            return dataset_precision
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def precision_problem(precision: str, device: torch.device) -> str | None:
+    """Why ``device`` cannot run ``precision`` (a tiny autocast product fails), or None when it can."""
+    if precision != "bf16":
+        return None
+    try:
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same: not here
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def default_batch_size(device: torch.device) -> int:

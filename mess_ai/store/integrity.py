@@ -9,7 +9,7 @@ import numpy as np
 
 from mess_ai.store.atomic import load_npy, read_npy_header
 from mess_ai.store.layout import SCALES, FeatureStore
-from mess_ai.store.manifest import DONE
+from mess_ai.store.manifest import DONE, Manifest
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,17 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
     hidden = provenance.get("hidden_size")
     rows = store.manifest.rows_by_track(dataset)
     done = {tid: row for tid, row in rows.items() if row["status"] == DONE}
+    # Tracks whose last attempt failed (or is under way) keep the features of an earlier extraction.
+    kept = {tid: row for tid, row in rows.items() if row["status"] != DONE and row.get("features_config_key")}
     if done and not provenance:
         report.problems.append(Problem(dataset, None, str(store.provenance_path), "provenance file is missing"))
+    mix = config_mix(store.manifest, dataset)
+    if mix:
+        report.problems.append(Problem(dataset, None, str(store.dataset_dir), mix))
 
-    for track_id, row in done.items():
+    for track_id, row in [*done.items(), *kept.items()]:
         report.tracks_checked += 1
-        n_windows = row["n_windows"]
+        n_windows = row["n_windows"] if row["status"] == DONE else row["features_n_windows"]
         expected = {
             "segments": ((n_windows, n_states, hidden), np.dtype(np.float32)),
             "aggregated": ((n_states, hidden), np.dtype(np.float32)),
@@ -98,12 +103,12 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
                 report.problems.append(Problem(dataset, track_id, str(raw_path), f"raw: {reason}"))
 
     for scale, path in store.feature_files():
-        if path.stem in done or store.lock(path.stem).held_elsewhere():
+        if path.stem in done or path.stem in kept or store.lock(path.stem).held_elsewhere():
             continue
         # The rows were read before the files were listed: a run may have finished this track since (written its
         # files, marked it done, released its lock). Its row now, read after the lock was seen free, is the truth.
         row = store.manifest.get(dataset, path.stem)
-        if row is not None and row["status"] == DONE:
+        if row is not None and (row["status"] == DONE or row.get("features_config_key")):
             continue
         status = row["status"] if row is not None else "no manifest row"
         report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
@@ -111,6 +116,31 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
         if store.temp_in_use(temp) or not temp.exists():
             continue  # a run is writing it right now, or has just renamed it into place
         report.problems.append(Problem(dataset, None, str(temp), "temporary file left by an interrupted write"))
+
+
+def describe_config(description: dict | None) -> str:
+    """'model m-a-p/MERT-v1-95M (weights <id>@<commit>), window 5.0 s, hop 2.5 s, bf16'."""
+    if not description:
+        return "a config recorded before mess-ai kept dataset configs"
+    return (f"model {description.get('model')} (weights {str(description.get('model_fingerprint'))[:24]}), "
+            f"window {description.get('window_seconds')} s, hop {description.get('hop_seconds')} s, "
+            f"{description.get('precision')}")
+
+
+def config_mix(manifest: Manifest, dataset: str) -> str | None:
+    """None when every track's features come from the dataset's config; else a sentence saying the mix: how many
+    tracks hold features of which config (a re-extraction under way, or stopped before its end)."""
+    counts = manifest.feature_configs(dataset)
+    record = manifest.dataset_record(dataset)
+    current = record["config_key"] if record else None
+    if len(counts) <= 1 and (current is None or set(counts) <= {current}):
+        return None
+    configs = record["configs"] if record else {}
+    parts = [f"{count} tracks with {describe_config(configs.get(key))} [{key}]"
+             + (" (the dataset's config)" if key == current else "")
+             for key, count in sorted(counts.items(), key=lambda item: item[0] != current)]
+    return ("mixed configs: " + "; ".join(parts) + ". A re-extraction is under way or was stopped: run the "
+            "extraction again with the dataset's config until every track is redone")
 
 
 def check_store(root: str | Path, dataset: str | None = None, manifest_url: str | None = None,

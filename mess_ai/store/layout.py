@@ -21,7 +21,7 @@ from mess_ai.errors import StoreError
 from mess_ai.store.atomic import (
     TEMP_MARKER,
     atomic_npy_memmap,
-    atomic_save_npy,
+    atomic_target,
     atomic_write_json,
     read_npy_header,
     target_of_temp,
@@ -139,9 +139,16 @@ class FeatureStore:
         return True
 
     def write_segments(self, track_id: str, segments: np.ndarray, aggregated: np.ndarray) -> None:
-        """segments: float32 [n_windows, n_states, hidden]; aggregated: float32 [n_states, hidden]."""
-        atomic_save_npy(self.path("segments", track_id), segments.astype(np.float32, copy=False))
-        atomic_save_npy(self.path("aggregated", track_id), aggregated.astype(np.float32, copy=False))
+        """segments: float32 [n_windows, n_states, hidden]; aggregated: float32 [n_states, hidden].
+
+        Both are written in full (and fsynced) before either is renamed into place, so a write that fails (disk
+        full) leaves the track's earlier features as they were, never a new segments file beside an old
+        aggregated one."""
+        with atomic_target(self.path("segments", track_id)) as segments_temp, \
+                atomic_target(self.path("aggregated", track_id)) as aggregated_temp:
+            for temp, array in ((segments_temp, segments), (aggregated_temp, aggregated)):
+                with open(temp, "wb") as fh:
+                    np.save(fh, np.ascontiguousarray(array.astype(np.float32, copy=False)), allow_pickle=False)
 
     def raw_writer(self, track_id: str, shape: tuple[int, ...]):
         """A memory map for raw: float16 [n_windows, n_states, frames, hidden], in place only once complete."""

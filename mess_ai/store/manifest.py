@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import time
 from typing import Any, Callable, Mapping, TypeVar
@@ -24,8 +25,11 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
+    inspect,
     or_,
     select,
+    text,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.engine import Engine, make_url
@@ -64,6 +68,33 @@ tracks = Table(
     Column("duration_seconds", Float),
     Column("n_windows", Integer),
     Column("seconds_spent", Float),
+    # The features on disk, whatever the row's status: their config key and window count. Kept when a later
+    # attempt fails (good features are only ever replaced by new complete ones), so a failed or pending track can
+    # still hold features of an earlier extraction, which the integrity check and the config-mix checks see.
+    Column("features_config_key", String(64)),
+    Column("features_n_windows", Integer),
+    # Attempts on these bytes and this config that began and never ended, counting the one in progress: the
+    # process died during each of them. A file that kills its process every time is given up on.
+    Column("unfinished", Integer),
+    # "<inode>:<ctime_ns>" of the file when it was hashed: with size and mtime, what lets a later run reuse the
+    # hash without reading the file. A copy that keeps size and mtime (cp -p) still gets a new inode or ctime.
+    Column("file_identity", String(64)),
+)
+
+# Columns added after the first release: added to an existing manifest when it is opened.
+_ADDED_COLUMNS = ("features_config_key", "features_n_windows", "unfinished", "file_identity")
+
+# What each dataset is: the audio folder it holds recordings of, and the config its features are extracted with
+# (``configs``: JSON, every config key the dataset has had -> what it means, to describe a mix in words).
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("dataset", String(200), primary_key=True),
+    Column("audio_dir", Text, nullable=False),
+    Column("config_key", String(64), nullable=False),
+    Column("configs", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True)),
 )
 
 
@@ -77,6 +108,17 @@ claims = Table(
     Column("owner", String(200), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+
+
+def unfinished_before(row: Mapping[str, Any] | None, sha256: str | None, config_key: str) -> int:
+    """Attempts on ``sha256`` with ``config_key`` that began and never ended, before the one about to begin:
+    the row is still pending from them (an attempt that ends, in any way, leaves it done or failed, or resets
+    the count). Unknown bytes (None) never match."""
+    if row is None or row["status"] != PENDING or sha256 is None:
+        return 0
+    if row["sha256"] != sha256 or row["config_key"] != config_key:
+        return 0
+    return row.get("unfinished") or 0
 
 
 def _now() -> dt.datetime:
@@ -105,16 +147,34 @@ def _make_engine(url: str) -> Engine:
 
 
 def _create_tables(engine: Engine, attempts: int = 5) -> None:
-    """Create the tables that do not exist yet. Several runs may open a new store at the same moment: each sees
-    no table, and all but one then fail on CREATE TABLE ("already exists"). Trying again sees the tables."""
+    """Create the tables that do not exist yet, and add the columns a manifest of an earlier version lacks.
+    Several runs may open a new store at the same moment: each sees no table (or no column), and all but one then
+    fail on CREATE TABLE or ADD COLUMN ("already exists"). Trying again sees the tables."""
     for attempt in range(1, attempts + 1):
         try:
             metadata.create_all(engine)
+            _add_missing_columns(engine)
             return
         except DBAPIError:
             if attempt == attempts:
                 raise
             time.sleep(0.05 * attempt)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a manifest written by an earlier mess-ai up to date: the new columns (all nullable), and for its done
+    tracks the description of the features they hold."""
+    present = {column["name"] for column in inspect(engine).get_columns("tracks")}
+    missing = [name for name in _ADDED_COLUMNS if name not in present]
+    if not missing:
+        return
+    with engine.begin() as conn:
+        for name in missing:
+            column = tracks.c[name]
+            conn.execute(text(f"ALTER TABLE tracks ADD COLUMN {name} {column.type.compile(engine.dialect)}"))
+        if "features_config_key" in missing:
+            conn.execute(tracks.update().where(tracks.c.status == DONE).values(
+                features_config_key=tracks.c.config_key, features_n_windows=tracks.c.n_windows))
 
 
 def path_text(path: str) -> str:
@@ -209,7 +269,8 @@ class Manifest:
 
     @_database_errors("write")
     def begin_attempt(self, dataset: str, track_id: str, *, source_path: str, relative_path: str,
-                      size: int | None, mtime_ns: int | None, sha256: str | None, config_key: str) -> int:
+                      size: int | None, mtime_ns: int | None, sha256: str | None, config_key: str,
+                      file_identity: str | None = None) -> int:
         """Mark a file as being attempted; returns the attempt number for these bytes and this config.
 
         Attempts count from the last change of content or config: new bytes deserve fresh tries.
@@ -220,12 +281,12 @@ class Manifest:
                 select(tracks).where(tracks.c.dataset == dataset, tracks.c.track_id == track_id)
             ).mappings().first()
             values = dict(source_path=path_text(source_path), relative_path=path_text(relative_path),
-                          size=size, mtime_ns=mtime_ns,
+                          size=size, mtime_ns=mtime_ns, file_identity=file_identity,
                           sha256=sha256, config_key=config_key, status=PENDING, last_attempt_at=now)
             if row is None:
                 attempts = 1
                 conn.execute(tracks.insert().values(dataset=dataset, track_id=track_id, attempts=attempts,
-                                                    first_attempt_at=now, **values))
+                                                    first_attempt_at=now, unfinished=1, **values))
             else:
                 same = row["sha256"] == sha256 and row["config_key"] == config_key and sha256 is not None
                 attempts = (row["attempts"] or 0) + 1 if same else 1
@@ -234,25 +295,32 @@ class Manifest:
                     .where(tracks.c.dataset == dataset, tracks.c.track_id == track_id)
                     .values(attempts=attempts,
                             first_attempt_at=row["first_attempt_at"] if same and row["first_attempt_at"] else now,
-                            **values)
+                            unfinished=unfinished_before(row, sha256, config_key) + 1, **values)
                 )
         return attempts
 
-    def update_content(self, dataset: str, track_id: str, *, size: int, mtime_ns: int, sha256: str) -> None:
+    def end_attempt(self, dataset: str, track_id: str) -> None:
+        """An attempt given back without an outcome by a run that stopped in order (the row stays pending, so
+        the next run redoes the file): not counted as one the process died in."""
+        self._update(dataset, track_id, unfinished=0)
+
+    def update_content(self, dataset: str, track_id: str, *, size: int, mtime_ns: int, sha256: str,
+                       file_identity: str | None = None) -> None:
         """Describe new bytes of a file being attempted (it changed while it was read); attempts unchanged."""
-        self._update(dataset, track_id, size=size, mtime_ns=mtime_ns, sha256=sha256)
+        self._update(dataset, track_id, size=size, mtime_ns=mtime_ns, sha256=sha256, file_identity=file_identity)
 
     def mark_done(self, dataset: str, track_id: str, *, duration_seconds: float, n_windows: int,
                   seconds_spent: float) -> None:
         self._update(dataset, track_id, status=DONE, failure_stage=None, error_class=None, error_message=None,
                      permanent=None, duration_seconds=duration_seconds, n_windows=n_windows,
-                     seconds_spent=seconds_spent)
+                     seconds_spent=seconds_spent, features_config_key=tracks.c.config_key,
+                     features_n_windows=n_windows, unfinished=0)
 
     def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
                     permanent: bool, seconds_spent: float, duration_seconds: float | None = None) -> None:
         self._update(dataset, track_id, status=FAILED, failure_stage=stage, error_class=error_class,
                      error_message=path_text(message), permanent=permanent, seconds_spent=seconds_spent,
-                     duration_seconds=duration_seconds, n_windows=None)
+                     duration_seconds=duration_seconds, n_windows=None, unfinished=0)
 
     @_database_errors("write")
     def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float, same_host_prefix: str | None = None
@@ -299,6 +367,49 @@ class Manifest:
             return False
         expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.timezone.utc)
         return expires > _now()
+
+    # --- datasets ---------------------------------------------------------------------------------------------
+    @_database_errors("read")
+    def dataset_record(self, dataset: str) -> dict[str, Any] | None:
+        """What the dataset is (its audio folder, its config key, ``configs``: key -> description), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(datasets).where(datasets.c.dataset == dataset)).mappings().first()
+        if row is None:
+            return None
+        record = dict(row)
+        record["configs"] = json.loads(record["configs"] or "{}")
+        return record
+
+    @_database_errors("write")
+    def create_dataset_record(self, dataset: str, *, audio_dir: str, config_key: str,
+                              configs: dict[str, Any]) -> bool:
+        """Record a new dataset; False when one of that name exists already (created at the same moment)."""
+        now = _now()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(datasets.insert().values(dataset=dataset, audio_dir=path_text(audio_dir),
+                                                      config_key=config_key, configs=json.dumps(configs),
+                                                      created_at=now, updated_at=now))
+        except IntegrityError:
+            return False
+        return True
+
+    @_database_errors("write")
+    def update_dataset_record(self, dataset: str, *, config_key: str, configs: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(datasets.update().where(datasets.c.dataset == dataset).values(
+                config_key=config_key, configs=json.dumps(configs), updated_at=_now()))
+
+    @_database_errors("read")
+    def feature_configs(self, dataset: str) -> dict[str, int]:
+        """How many tracks hold features of each config key (whatever their status): more than one key is a
+        dataset whose re-extraction is under way or was stopped."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                select(tracks.c.features_config_key, func.count())
+                .where(tracks.c.dataset == dataset, tracks.c.features_config_key.is_not(None))
+                .group_by(tracks.c.features_config_key))
+            return {key: count for key, count in result}
 
     @_database_errors("write")
     def forget(self, dataset: str, track_id: str) -> None:

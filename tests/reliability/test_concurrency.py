@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,22 +200,60 @@ def _came_from(stored, reference):
 def test_replaced_file_is_read_again_so_the_row_describes_the_features(monkeypatch, tmp_path, tiny_model, when):
     audio, path, stored, reference, row, sha = _extract_replacing(monkeypatch, tmp_path, tiny_model, when,
                                                                   keep_stat=False)
-    # The file changed between the hash and the end of the decode: the run saw it (the file's identity moved),
-    # hashed and decoded it again, so both the features and the row are of the bytes now in the file.
-    assert _came_from(stored, reference) == "new"
-    assert row["sha256"] == sha["new"] and row["attempts"] == 1
+    # The file was replaced (a new inode renamed over it) between the hash and the end of the decode: the run
+    # hashed and decoded the one file its descriptor holds, so the features and the row both describe the old
+    # bytes; the next run sees new bytes at the path and extracts them.
+    assert _came_from(stored, reference) == "old"
+    assert row["sha256"] == sha["old"] and row["attempts"] == 1
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
-    assert (summary.done, summary.unchanged) == (0, 1)
+    assert (summary.done, summary.unchanged) == (1, 0)
+    assert _came_from(load_npy(tmp_path / "store" / "audio" / "segments" / f"{row['track_id']}.npy"),
+                      reference) == "new"
     assert_complete(tmp_path / "store", "audio", audio)
 
 
 def test_replaced_keeping_size_and_mtime_is_caught(monkeypatch, tmp_path, tiny_model):
-    """``cp -p`` / ``rsync -t`` of an edit of equal length keep size and mtime; the inode's change time moves."""
+    """``cp -p`` / ``rsync -t`` of an edit of equal length keep size and mtime; the inode's change time moves, so
+    the next run sees the new bytes although the row's size and mtime match."""
     audio, path, stored, reference, row, sha = _extract_replacing(monkeypatch, tmp_path, tiny_model,
                                                                   "before decoding", keep_stat=True)
-    assert _came_from(stored, reference) == "new" and row["sha256"] == sha["new"]
+    assert _came_from(stored, reference) == "old" and row["sha256"] == sha["old"]
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
-    assert (summary.done, summary.unchanged) == (0, 1)
+    assert (summary.done, summary.unchanged) == (1, 0)
+    assert_complete(tmp_path / "store", "audio", audio)
+
+
+def test_a_file_rewritten_in_place_while_decoded_is_read_again(monkeypatch, tmp_path, tiny_model):
+    """The same inode written over while it is decoded (an editor saving in place): the descriptor's identity
+    moves, so the run hashes and decodes it again; features and row describe the bytes now in the file."""
+    old, new = _versions()
+    audio = tmp_path / "audio"
+    path = write_audio(audio / "song.wav", data=old, sample_rate=24000)
+    real_load = mess_ai.pipeline.load_mono
+    rewritten = []
+
+    def load_and_rewrite(opened, rate, **kwargs):
+        signal = real_load(opened, rate, **kwargs)
+        if not rewritten:
+            inode = path.stat().st_ino
+            new_bytes = write_audio(tmp_path / "new.wav", data=new, sample_rate=24000).read_bytes()
+            with open(path, "r+b") as fh:  # in place: same inode
+                fh.write(new_bytes)
+                fh.truncate()
+            assert path.stat().st_ino == inode
+            rewritten.append(True)
+        return signal
+
+    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_and_rewrite)
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
+    monkeypatch.undo()
+    assert summary.done == 1 and rewritten
+    track_id = summary.outcomes[0].track_id
+    stored = load_npy(tmp_path / "store" / "audio" / "segments" / f"{track_id}.npy")
+    reference = {"old": _features(tmp_path, tiny_model, "song.wav", old, 24000),
+                 "new": _features(tmp_path, tiny_model, "song.wav", new, 24000)}
+    assert _came_from(stored, reference) == "new"
+    assert rows(tmp_path / "store", "audio")[track_id]["sha256"] == sha256_file(path)
     assert_complete(tmp_path / "store", "audio", audio)
 
 
@@ -240,18 +279,19 @@ def test_file_that_keeps_changing_is_recorded_and_retried(monkeypatch, tmp_path,
 
 
 def _extract_while_one_file_vanishes(monkeypatch, tmp_path, tiny_model):
-    """Extract two files; one is moved away after it was hashed, before it is decoded. Returns the summary."""
+    """Extract two files; one is moved away after its header was checked, just before it is opened to be hashed
+    and decoded. Returns the summary. (Moved once it is open, it would be read whole from its descriptor.)"""
     audio = tmp_path / "audio"
     write_audio(audio / "stays.wav", seconds=3.0)
     write_audio(audio / "vanishes.wav", seconds=3.0, frequency=300)
-    real_load = mess_ai.pipeline.load_mono
+    real_open = mess_ai.pipeline.open_audio
 
-    def load(source_path, rate, **kwargs):
-        if source_path.name == "vanishes.wav":
+    def open_audio(source_path, *args, **kwargs):
+        if Path(source_path).name == "vanishes.wav":
             shutil.move(source_path, tmp_path / "parked.wav")
-        return real_load(source_path, rate, **kwargs)
+        return real_open(source_path, *args, **kwargs)
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load)
+    monkeypatch.setattr(mess_ai.pipeline, "open_audio", open_audio)
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
     monkeypatch.undo()
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mess_ai.pipeline import ExtractConfig, run_extraction
 from mess_ai.store import DONE, FeatureStore
 from mess_ai.store.integrity import IntegrityReport, check_dataset
+from mess_ai.store.manifest import tracks
 from tests.helpers.audio import write_audio
 
 
@@ -34,11 +35,18 @@ def test_track_finished_by_another_run_during_check_is_no_orphan(tmp_path, tiny_
         assert report.problems == []
         assert store.manifest.get("audio", track_id)["status"] == DONE
 
-        # A feature file whose row really is pending, with nobody holding the track, is still reported.
+        # A track being redone keeps its earlier features until new ones replace them: no orphans.
         store.manifest.begin_attempt("audio", track_id, source_path=row["source_path"],
                                      relative_path=row["relative_path"], size=row["size"],
                                      mtime_ns=row["mtime_ns"], sha256=row["sha256"], config_key=row["config_key"])
         store.feature_files = listed
+        report = IntegrityReport()
+        check_dataset(store, report)
+        assert report.problems == [] and report.tracks_checked == 1
+
+        # A feature file whose pending row records no features, with nobody holding the track, is reported.
+        with store.manifest.engine.begin() as conn:
+            conn.execute(tracks.update().values(features_config_key=None, features_n_windows=None))
         report = IntegrityReport()
         check_dataset(store, report)
         assert sorted(p.reason for p in report.problems) == [
