@@ -155,6 +155,28 @@ def test_precision_auto_follows_the_dataset(tmp_path, tiny_model):
         run_extraction(audio, store, config=config(tiny_model, precision="fp32"))
 
 
+def test_a_worker_that_cannot_run_the_datasets_precision_refuses(tmp_path, tiny_model):
+    """A device without bf16 autocast (torch's 'meta' device stands in for one): a clear refusal, nothing done."""
+    import dataclasses
+
+    import torch
+
+    from mess_ai.errors import ModelError
+    from mess_ai.features.model import get_model
+
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    write_audio(audio / "a.wav", seconds=3.0)
+    assert run_extraction(audio, store, config=config(tiny_model, precision="bf16")).done == 1
+    write_audio(audio / "new.wav", seconds=3.0, frequency=660)
+
+    def on_a_device_without_bf16(*args, **kwargs):
+        return dataclasses.replace(get_model(*args, **kwargs), device=torch.device("meta"))
+
+    with pytest.raises(ModelError, match="cannot run bf16, the precision of dataset 'audio'.*--precision fp32"):
+        run_extraction(audio, store, config=config(tiny_model), model_loader=on_a_device_without_bf16)
+    assert [r["relative_path"] for r in rows(store, "audio").values()] == ["a.wav"]
+
+
 # --- OS errors are transient; good features are never removed by a failed attempt ---------------------------
 def test_a_read_denied_for_a_moment_is_retried_and_keeps_the_features(tmp_path, tiny_model, monkeypatch):
     """EACCES injected at the open (these tests run as root, where chmod does not bite)."""
