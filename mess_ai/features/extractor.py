@@ -8,15 +8,14 @@ Outputs per track (``S`` hidden states, ``H`` hidden size, ``T`` frames per wind
 
 Only windows of identical length share a batch: MERT's first conv layer uses group norm over time, so
 zero-padding would change the embeddings of the padded windows. The same group norm normalises each window on its
-own, so the convolutional front end can run one window at a time: its first layers' outputs were the pipeline's
-memory peak (see ``hubert_hidden_states``).
+own, which lets ``LoadedModel.hidden_states`` run the convolutional front end one window at a time: its first
+layers' outputs were the pipeline's memory peak (see ``mess_ai.features.loaded.hubert_hidden_states``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from mess_ai.features.model import LoadedModel
+from mess_ai.features.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -60,52 +59,6 @@ def precision_problem(precision: str, device: torch.device) -> str | None:
 
 def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH_SIZE.get(device.type, 4)
-
-
-def hubert_hidden_states(net: torch.nn.Module, input_values: torch.Tensor) -> torch.Tensor:
-    """What ``net(input_values, output_hidden_states=True)`` gives a ``HubertModel`` in eval mode, stacked, with the
-    convolutional front end run one window at a time: input_values float32 [batch, samples] ->
-    float32 [batch, num_hidden_layers + 1, frames, hidden_size].
-
-    The front end's first convolution and its group norm each output float32 [batch, 512, samples / 5]: 187 MiB
-    apiece for a batch of 4 five-second windows, the largest tensors of the whole pass and the pipeline's memory
-    peak. Group norm normalises each window on its own, so a window alone gets the same numbers as in a batch; the
-    transformer after it still runs on the whole batch. The rest is ``HubertModel.forward`` without an attention
-    mask (its SpecAugment masking acts only in training), and ``HubertEncoder``'s hidden states: its input after
-    the positional convolution, layer norm and dropout, then each layer's output.
-    """
-    features = torch.cat([net.feature_extractor(input_values[i:i + 1]) for i in range(len(input_values))])
-    hidden = net.feature_projection(features.transpose(1, 2))
-    encoder = net.encoder
-    hidden = encoder.dropout(encoder.layer_norm(hidden + encoder.pos_conv_embed(hidden)))
-    states = [hidden]
-    for layer in encoder.layers:
-        output = layer(hidden, attention_mask=None)
-        hidden = output[0] if isinstance(output, tuple) else output  # transformers 4.x layers return a tuple
-        states.append(hidden)
-    return torch.stack(states, dim=1)
-
-
-def runs_front_end_per_window(model: LoadedModel) -> bool:
-    """Whether ``Extractor`` computes ``model``'s hidden states with ``hubert_hidden_states``.
-
-    Only a plain ``LoadedModel`` around a ``HubertModel`` with the post-norm encoder (MERT-v1's); anything else,
-    including a ``LoadedModel`` subclass or wrapper with its own ``hidden_states`` (the overhead probe, a fault
-    injector), is asked through ``model.hidden_states``. transformers is looked up, not imported: a process that
-    holds a ``HubertModel`` has imported it already, and importing it costs seconds.
-    """
-    hubert = sys.modules.get("transformers.models.hubert.modeling_hubert")
-    return (type(model) is LoadedModel and hubert is not None and isinstance(model.model, hubert.HubertModel)
-            and type(model.model.encoder) is hubert.HubertEncoder and not model.model.training)
-
-
-def extract_hidden_states(model: LoadedModel, input_values: torch.Tensor) -> torch.Tensor:
-    """``model``'s hidden states as extraction computes them: input_values float32 [batch, samples] on its device
-    -> float32 [batch, num_hidden_states, frames, hidden_size]; the front end one window at a time where
-    ``runs_front_end_per_window(model)``."""
-    if runs_front_end_per_window(model):
-        return hubert_hidden_states(model.model, input_values)
-    return model.hidden_states(input_values)
 
 
 @dataclass(eq=False)
@@ -176,7 +129,7 @@ class Extractor:
         batch = torch.from_numpy(windows)
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
         with torch.inference_mode(), self._autocast():
-            states = extract_hidden_states(self.model, self.model.prepare(batch))  # [B, S, T, H]
+            states = self.model.hidden_states(self.model.prepare(batch))  # [B, S, T, H]
             segments = states.float().mean(dim=2).cpu().numpy()
             raw = states.to(torch.float16).cpu().numpy() if self.keep_raw else None
         return segments, raw

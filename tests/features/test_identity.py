@@ -1,4 +1,5 @@
-"""Tests of the model fingerprint: it names the weights that produce the numbers, by content or by hub commit."""
+"""Tests of mess_ai.features.identity: the model fingerprint names the weights that produce the numbers, by content
+or by hub commit, and get_model reloads exactly when it changes."""
 
 from __future__ import annotations
 
@@ -14,18 +15,18 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 
+import mess_ai.features.identity as identity_module
 from mess_ai.errors import ModelUnavailableError
-from mess_ai.features import model
-from mess_ai.features.model import (
+from mess_ai.features.checkpoint import DEFAULT_MODEL
+from mess_ai.features.identity import (
     CACHE_DIR_ENV,
-    clear_model_cache,
-    get_model,
     model_fingerprint,
     model_identity,
     resolve_hub_revision,
     weights_digest_cache_path,
-    write_test_model,
 )
+from mess_ai.features.loading import clear_model_cache, get_model
+from mess_ai.features.random_checkpoints import write_test_model
 
 COMMIT_A = "a" * 40
 COMMIT_B = "0123456789abcdef0123456789abcdef01234567"
@@ -37,7 +38,7 @@ SLACK_NS = 200_000_000
 def private_digest_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test starts with no digest known, in this process or in the cache file."""
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "mess-ai-cache"))
-    monkeypatch.setattr(model, "_WEIGHT_DIGESTS", {})
+    monkeypatch.setattr(identity_module, "_WEIGHT_DIGESTS", {})
     return weights_digest_cache_path()
 
 
@@ -45,13 +46,13 @@ def private_digest_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The weight files read for hashing, in order."""
     calls: list[Path] = []
-    real = model._hash_file
+    real = identity_module._hash_file
 
     def counting(path: Path):
         calls.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(model, "_hash_file", counting)
+    monkeypatch.setattr(identity_module, "_hash_file", counting)
     return calls
 
 
@@ -75,7 +76,7 @@ def _set_ref(cache: Path, folder: str, ref: str, commit: str) -> None:
 
 def _settled(directory: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``directory`` once its weights are old enough for their digest to be cached (with a short slack)."""
-    monkeypatch.setattr(model, "_TIMESTAMP_SLACK_NS", SLACK_NS)
+    monkeypatch.setattr(identity_module, "_TIMESTAMP_SLACK_NS", SLACK_NS)
     age_ns = time.time_ns() - (directory / "model.safetensors").stat().st_ctime_ns
     time.sleep(max(0, SLACK_NS - age_ns) / 1e9 + 0.05)
     return directory
@@ -147,7 +148,7 @@ def test_a_settled_digest_is_hashed_once_and_kept_in_the_cache_file(tmp_path: Pa
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert json.loads(private_digest_cache.read_text()) == {"sha256_by_stat": [[identity, digest]]}
 
-    monkeypatch.setattr(model, "_WEIGHT_DIGESTS", {})  # a new process: only the cache file remembers
+    monkeypatch.setattr(identity_module, "_WEIGHT_DIGESTS", {})  # a new process: only the cache file remembers
     assert model_fingerprint(str(directory)) == first
     assert hash_calls == [weights]
 
@@ -169,7 +170,7 @@ def test_an_unusable_cache_file_is_only_a_cache(tmp_path: Path, monkeypatch: pyt
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv(CACHE_DIR_ENV, str(blocker))
-    monkeypatch.setattr(model, "_WEIGHT_DIGESTS", {})
+    monkeypatch.setattr(identity_module, "_WEIGHT_DIGESTS", {})
 
     assert model_fingerprint(str(directory)) == expected  # cannot be written
 
@@ -177,7 +178,7 @@ def test_an_unusable_cache_file_is_only_a_cache(tmp_path: Path, monkeypatch: pyt
     garbage.mkdir()
     (garbage / "weights-sha256.json").write_text('{"sha256_by_stat": [["x", "not a digest"]], "oops"')
     monkeypatch.setenv(CACHE_DIR_ENV, str(garbage))
-    monkeypatch.setattr(model, "_WEIGHT_DIGESTS", {})
+    monkeypatch.setattr(identity_module, "_WEIGHT_DIGESTS", {})
 
     assert model_fingerprint(str(directory)) == expected  # cannot be read: rewritten
     assert len(json.loads((garbage / "weights-sha256.json").read_text())["sha256_by_stat"]) == 1
@@ -204,6 +205,46 @@ def test_get_model_reloads_after_a_same_size_rewrite_but_not_after_a_touch(tmp_p
     assert second is not first
     assert not all(a.equal(b) for a, b in zip(first.model.state_dict().values(),
                                               second.model.state_dict().values()))
+
+
+def _rewrite_weights(directory: Path, seed: int) -> None:
+    before = (directory / "model.safetensors").stat().st_mtime_ns
+    write_test_model(directory, seed=seed)
+    # A filesystem with coarse timestamps could give the rewrite the old mtime; a real replacement comes later.
+    os.utime(directory / "model.safetensors", ns=(before + 10**9, before + 10**9))
+
+
+def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
+    directory = write_test_model(tmp_path)
+    first = model_fingerprint(str(directory))
+
+    assert model_fingerprint(str(directory)) == first
+    _rewrite_weights(directory, seed=1)
+    second = model_fingerprint(str(directory))
+    assert second != first
+    write_test_model(directory, seed=1, overrides={"layer_norm_eps": 1e-6})
+    assert model_fingerprint(str(directory)) not in (first, second)
+
+
+def test_model_fingerprint_is_cheap_and_names_hub_commits(tiny_model: str) -> None:
+    started = time.perf_counter()
+    for _ in range(50):
+        model_fingerprint(tiny_model)
+
+    assert (time.perf_counter() - started) / 50 < 0.005
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert model_fingerprint(DEFAULT_MODEL, commit) == f"m-a-p/MERT-v1-95M@{commit}"  # the commit, not "main"
+
+
+def test_get_model_reloads_a_changed_checkpoint(tmp_path: Path) -> None:
+    directory = write_test_model(tmp_path)
+    clear_model_cache()
+    first = get_model(str(directory), device="cpu")
+
+    _rewrite_weights(directory, seed=1)
+
+    assert get_model(str(directory), device="cpu") is not first
+    clear_model_cache()
 
 
 # --- hub ids: the fingerprint names the commit -------------------------------------------------------------------
