@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mess_ai.errors import MessError
+
+if TYPE_CHECKING:
+    from mess_ai.analysis.results import AnalysisReport
 
 EXIT_OK, EXIT_USAGE = 0, 2
 _USAGE_ERRORS = (MessError, ValueError, FileNotFoundError, NotADirectoryError)
@@ -54,61 +57,80 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_clusters(report: AnalysisReport) -> None:
+    from mess_ai.analysis.results import DbscanClustering, SkippedClustering
+
+    kmeans = report.clusters.kmeans
+    print(f"  k-means: {kmeans.n_clusters} clusters ({kmeans.chosen_by}), sizes {list(kmeans.sizes)}, "
+          f"silhouette {_number(kmeans.silhouette)}")
+    for name, method in (("agglomerative", report.clusters.agglomerative), ("dbscan", report.clusters.dbscan)):
+        if isinstance(method, SkippedClustering):
+            print(f"  {name}: skipped ({method.skipped})")
+        else:
+            noise = f", {method.n_noise} noise" if isinstance(method, DbscanClustering) else ""
+            print(f"  {name}: {method.n_clusters} cluster{'' if method.n_clusters == 1 else 's'}, sizes "
+                  f"{list(method.sizes)}{noise}, silhouette {_number(method.silhouette)}")
+
+
+def _print_labels(report: AnalysisReport) -> None:
+    for column, metrics in report.labels.columns.items():
+        coverage = report.coverage.get(column)
+        under = [u.label for u in coverage.under_covered] if coverage else []
+        print(f"  label '{column}': {metrics.n_labelled} labelled, k-NN accuracy "
+              f"{_number(metrics.knn_accuracy)}" + (f", under-covered: {', '.join(under)}" if under else ""))
+    rows = report.method_comparison.methods
+    for column in rows[0].knn_label_agreement:
+        scored = [r for r in rows if r.knn_label_agreement[column] is not None]
+        if scored:
+            best = max(scored, key=lambda r: r.knn_label_agreement[column])
+            print(f"  best of {len(rows)} methods for '{column}': {best.method} (k-NN agreement "
+                  f"{best.knn_label_agreement[column]:.2f})")
+    baseline = report.baseline
+    if baseline.available:
+        accuracies = ", ".join(f"'{c}' k-NN accuracy {m.knn_accuracy:.2f}"
+                               for c, m in baseline.labels.items() if m.knn_accuracy is not None)
+        print(f"  MFCC + chroma baseline: {baseline.n_tracks} tracks, agreement with the embedding clusters "
+              f"(ARI) {baseline.agreement_with_embedding_clusters_ari:.2f}" + (f", {accuracies}" if accuracies
+                                                                              else ""))
+    else:
+        print(f"  MFCC + chroma baseline: not computed ({baseline.reason})")
+
+
+def print_report(report: AnalysisReport) -> None:
+    """The report's summary, for a person at a terminal."""
+    dims = report.dimension
+    print(f"mess-ai analyze: dataset '{report.dataset}', {report.n_tracks} tracks "
+          f"({report.n_hidden_states} hidden states x {report.hidden_size})")
+    _print_clusters(report)
+    print(f"  outliers: {len(report.outliers.tracks)}   near-duplicate pairs: "
+          f"{report.near_duplicates.count}   anisotropy: {report.quality.anisotropy:.2f}")
+    print(f"  intrinsic dimension (TwoNN): {_number(dims.intrinsic_dimension, '.1f')}   PCA components for "
+          f"90 % / 95 %: {dims.pca_components_90} / {dims.pca_components_95}   participation ratio: "
+          f"{_number(dims.participation_ratio, '.1f')}   Vendi score: {report.diversity.vendi_score:.2f}")
+    _print_labels(report)
+    for note in report.notes:
+        print(f"  note: {note}")
+    print(f"  report: {report.files.report}")
+    for name, path in report.files.plots.items():
+        print(f"  plot {name}: {path}")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from mess_ai.analysis.report import run_analysis
+    from mess_ai.analysis.results import AnalysisReport
 
     runner = args.analyze_runner or run_analysis
     try:
-        report = runner(args.store, args.dataset, labels_csv=args.labels, n_clusters=args.clusters,
+        result = runner(args.store, args.dataset, labels_csv=args.labels, n_clusters=args.clusters,
                         baseline=not args.no_baseline, manifest_url=args.manifest_url)
     except _USAGE_ERRORS as exc:
         return _fail(exc)
+    # A flow run returns the report as JSON.
+    report = result if isinstance(result, AnalysisReport) else AnalysisReport.from_json(result)
     if args.json:
-        print(json.dumps(report, indent=2))
-        return EXIT_OK
-    clusters, dims, div = report["clusters"], report["dimension"], report["diversity"]
-    print(f"mess-ai analyze: dataset '{report['dataset']}', {report['n_tracks']} tracks "
-          f"({report['n_hidden_states']} hidden states x {report['hidden_size']})")
-    print(f"  k-means: {clusters['n_clusters']} clusters ({clusters['chosen_by']}), sizes {clusters['sizes']}, "
-          f"silhouette {_number(clusters['silhouette'])}")
-    for name in ("agglomerative", "dbscan"):
-        method = clusters[name]
-        if "skipped" in method:
-            print(f"  {name}: skipped ({method['skipped']})")
-        else:
-            noise = f", {method['n_noise']} noise" if "n_noise" in method else ""
-            print(f"  {name}: {method['n_clusters']} cluster{'' if method['n_clusters'] == 1 else 's'}, sizes "
-                  f"{method['sizes']}{noise}, silhouette {_number(method['silhouette'])}")
-    print(f"  outliers: {len(report['outliers']['tracks'])}   near-duplicate pairs: "
-          f"{report['near_duplicates']['count']}   anisotropy: {report['quality']['anisotropy']:.2f}")
-    print(f"  intrinsic dimension (TwoNN): {_number(dims['intrinsic_dimension'], '.1f')}   PCA components for "
-          f"90 % / 95 %: {dims['pca_components_90']} / {dims['pca_components_95']}   participation ratio: "
-          f"{_number(dims['participation_ratio'], '.1f')}   Vendi score: {div['vendi_score']:.2f}")
-    for column, metrics in report["labels"]["columns"].items():
-        under = [u["label"] for u in report["coverage"].get(column, {}).get("under_covered", [])]
-        print(f"  label '{column}': {metrics['n_labelled']} labelled, k-NN accuracy "
-              f"{_number(metrics['knn_accuracy'])}" + (f", under-covered: {', '.join(under)}" if under else ""))
-    rows = report["method_comparison"]["methods"]
-    for column in rows[0]["knn_label_agreement"]:
-        scored = [r for r in rows if r["knn_label_agreement"][column] is not None]
-        if scored:
-            best = max(scored, key=lambda r: r["knn_label_agreement"][column])
-            print(f"  best of {len(rows)} methods for '{column}': {best['method']} (k-NN agreement "
-                  f"{best['knn_label_agreement'][column]:.2f})")
-    baseline = report["baseline"]
-    if baseline["available"]:
-        accuracies = ", ".join(f"'{c}' k-NN accuracy {m['knn_accuracy']:.2f}"
-                               for c, m in baseline["labels"].items() if m["knn_accuracy"] is not None)
-        print(f"  MFCC + chroma baseline: {baseline['n_tracks']} tracks, agreement with the embedding clusters "
-              f"(ARI) {baseline['agreement_with_embedding_clusters_ari']:.2f}" + (f", {accuracies}" if accuracies
-                                                                                 else ""))
+        print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"  MFCC + chroma baseline: not computed ({baseline['reason']})")
-    for note in report["notes"]:
-        print(f"  note: {note}")
-    print(f"  report: {report['files']['report']}")
-    for name, path in report["files"]["plots"].items():
-        print(f"  plot {name}: {path}")
+        print_report(report)
     return EXIT_OK
 
 
@@ -119,9 +141,10 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                    help="SQLAlchemy URL of the manifest (default: SQLite file manifest.sqlite in the store)")
 
 
-def register(subparsers: argparse._SubParsersAction, analyze_runner: Callable[..., dict] | None = None) -> None:
+def register(subparsers: argparse._SubParsersAction,
+             analyze_runner: Callable[..., AnalysisReport | dict] | None = None) -> None:
     """Add ``similar`` and ``analyze`` to the ``mess-ai`` subcommands. ``analyze_runner`` replaces
-    ``run_analysis`` (same arguments), e.g. to run it as a Prefect flow."""
+    ``run_analysis`` (same arguments), e.g. to run it as a Prefect flow; it may return the report's JSON."""
     p = subparsers.add_parser("similar", help="tracks most similar to one track of the store")
     p.add_argument("track", metavar="TRACK_ID",
                    help="track id, path relative to the audio folder, or a file name only one track has")

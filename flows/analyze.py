@@ -25,6 +25,7 @@ def analyze_store(
     time_limit_minutes: float = 60.0,
 ) -> dict[str, Any]:
     """Analyse the embeddings of one dataset of a store: clusters, outliers, near-duplicates, dimension, diversity.
+    Returns the report as written to ``<store>/<dataset>/reports/report.json``.
 
     Args:
         store: Feature store folder.
@@ -42,5 +43,6 @@ def analyze_store(
     """
     report = analyze_embeddings(store, dataset, labels_csv, n_clusters, random_state, baseline,
                                 manifest_url_of_run(manifest_url, manifest_secret), time_limit_minutes * 60)
+    document = report.to_json()
     publish_analysis_artifacts(report)
-    return report
+    return document

@@ -6,9 +6,12 @@ Pure functions of a ``RunSummary`` and manifest rows, so they are tested without
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mess_ai.pipeline import STAGES, FileCounts, RunSummary
+from mess_ai.extraction.stats import STAGES, FileCounts, RunSummary
+
+if TYPE_CHECKING:
+    from mess_ai.analysis.results import AnalysisReport
 
 
 def artifact_key(dataset: str, what: str) -> str:
@@ -88,33 +91,34 @@ def _rounded(value: Any, digits: int = 4) -> Any:
     return round(value, digits) if isinstance(value, float) else ("n/a" if value is None else value)
 
 
-def analysis_metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+def analysis_metrics_table(report: AnalysisReport) -> list[dict[str, Any]]:
     """The headline numbers of an analysis report, one row each."""
-    clusters, dims, div = report["clusters"], report["dimension"], report["diversity"]
+    kmeans, dims, div = report.clusters.kmeans, report.dimension, report.diversity
     rows = [
-        ("tracks", report["n_tracks"]),
-        ("clusters (k-means)", clusters["n_clusters"]),
-        ("cluster sizes", ", ".join(map(str, clusters["sizes"]))),
-        ("silhouette", clusters["silhouette"]),
-        ("Calinski-Harabasz", clusters["calinski_harabasz"]),
-        ("Davies-Bouldin", clusters["davies_bouldin"]),
-        ("outliers", len(report["outliers"]["tracks"])),
-        ("near-duplicate pairs", report["near_duplicates"]["count"]),
-        ("anisotropy (mean cosine, raw)", report["quality"]["anisotropy"]),
-        ("PCA components for 90 %", dims["pca_components_90"]),
-        ("PCA components for 95 %", dims["pca_components_95"]),
-        ("participation ratio", dims["participation_ratio"]),
-        ("intrinsic dimension", dims.get("intrinsic_dimension")),
-        ("mean pairwise cosine distance", div["mean_pairwise_cosine_distance"]),
-        ("Vendi score", div["vendi_score"]),
+        ("tracks", report.n_tracks),
+        ("clusters (k-means)", kmeans.n_clusters),
+        ("cluster sizes", ", ".join(map(str, kmeans.sizes))),
+        ("silhouette", kmeans.silhouette),
+        ("Calinski-Harabasz", kmeans.calinski_harabasz),
+        ("Davies-Bouldin", kmeans.davies_bouldin),
+        ("outliers", len(report.outliers.tracks)),
+        ("near-duplicate pairs", report.near_duplicates.count),
+        ("anisotropy (mean cosine, raw)", report.quality.anisotropy),
+        ("PCA components for 90 %", dims.pca_components_90),
+        ("PCA components for 95 %", dims.pca_components_95),
+        ("participation ratio", dims.participation_ratio),
+        ("intrinsic dimension", dims.intrinsic_dimension),
+        ("mean pairwise cosine distance", div.mean_pairwise_cosine_distance),
+        ("Vendi score", div.vendi_score),
     ]
     return [{"measure": name, "value": _rounded(value)} for name, value in rows]
 
 
-def analysis_layer_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+def analysis_layer_table(report: AnalysisReport) -> list[dict[str, Any]]:
     """One row per hidden state, so a person can pick a layer."""
     rows = []
-    for entry in report.get("per_layer", []):
+    for layer in report.per_layer:
+        entry = layer.to_json()
         row = {"layer": entry["layer"]}
         for key, value in entry.items():
             if key == "layer":

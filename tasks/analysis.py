@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from mess_ai.analysis import run_analysis
+from mess_ai.analysis import AnalysisReport, run_analysis
 from mess_ai.deadline import run_within
 
 
 @task(name="analyze-embeddings", cache_policy=NO_CACHE)
 def analyze_embeddings(store: str, dataset: str | None, labels_csv: str | None, n_clusters: int | None,
                        random_state: int, baseline: bool, manifest_url: str | None,
-                       time_limit_seconds: float = 3600.0) -> dict[str, Any]:
+                       time_limit_seconds: float = 3600.0) -> AnalysisReport:
     """Clusters, outliers, duplicates, dimension and diversity of a dataset; writes the report and plots, within
     ``time_limit_seconds`` (else ``StageTimeout``)."""
     report = run_within(lambda: run_analysis(store, dataset, labels_csv=labels_csv, n_clusters=n_clusters,
@@ -22,7 +20,6 @@ def analyze_embeddings(store: str, dataset: str | None, labels_csv: str | None, 
                                              manifest_url=manifest_url),
                         time_limit_seconds, "the analysis")
     get_run_logger().info("Analysed %d tracks of '%s': %d clusters, %d outliers, %d near-duplicate pairs; "
-                          "report in %s.", report["n_tracks"], report["dataset"], report["clusters"]["n_clusters"],
-                          len(report["outliers"]["tracks"]), report["near_duplicates"]["count"],
-                          report["files"]["report"])
+                          "report in %s.", report.n_tracks, report.dataset, report.clusters.kmeans.n_clusters,
+                          len(report.outliers.tracks), report.near_duplicates.count, report.files.report)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -22,6 +23,9 @@ from mess_ai.reporting import (
     summary_table,
 )
 from mess_ai.store import FAILED, FeatureStore
+
+if TYPE_CHECKING:
+    from mess_ai.analysis.results import AnalysisReport
 
 
 def start_progress(dataset: str, counts: FileCounts) -> UUID:
@@ -54,20 +58,20 @@ def publish_run_artifacts(summary: RunSummary, store: FeatureStore) -> None:
                           description=f"{len(rows)} failed files in dataset {dataset}: stage, reason, attempts")
 
 
-def publish_analysis_artifacts(report: dict) -> None:
+def publish_analysis_artifacts(report: AnalysisReport) -> None:
     """The analysis metrics, the per-layer table and the plots (embedded, so the UI shows them)."""
     import base64
     from pathlib import Path
 
     from mess_ai.reporting import analysis_layer_table, analysis_metrics_table
 
-    dataset = report["dataset"]
+    dataset = report.dataset
     create_table_artifact(analysis_metrics_table(report), key=artifact_key(dataset, "analysis-metrics"),
-                          description=f"Embedding analysis of {report['n_tracks']} tracks ({dataset})")
+                          description=f"Embedding analysis of {report.n_tracks} tracks ({dataset})")
     create_table_artifact(analysis_layer_table(report), key=artifact_key(dataset, "analysis-layers"),
                           description="Metrics per hidden state (0 = convolutional front end)")
-    sections = [f"# Embedding analysis: {dataset}", "", f"Report: `{report['files']['report']}`", ""]
-    for name, path in report["files"]["plots"].items():
+    sections = [f"# Embedding analysis: {dataset}", "", f"Report: `{report.files.report}`", ""]
+    for name, path in report.files.plots.items():
         encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         sections += [f"## {name.replace('_', ' ')}", "", f"![{name}](data:image/png;base64,{encoded})", "",
                      f"`{path}`", ""]

@@ -1,14 +1,17 @@
 """The report's PNG plots, drawn with matplotlib's Agg canvas (no display, no global pyplot state) and written
-atomically."""
+atomically. ``plot_report`` draws all of them from an ``AnalysisReport`` and the vectors it describes."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from mess_ai.analysis.dataset_analysis import MAX_SAMPLE_TRACKS
+from mess_ai.analysis.embedding_diversity import pairwise_similarities
+from mess_ai.analysis.results import AnalysisReport, Clustering, Coverage, LayerMetrics, MethodComparison
 from mess_ai.store.atomic import atomic_target
 
 _UNLABELLED = "(no label)"
@@ -141,33 +144,13 @@ def plot_explained_variance(path: Path, layer_ratios: Sequence[np.ndarray], mean
     return _save(fig, path)
 
 
-def plot_layer_metrics(path: Path, per_layer: list[dict], label_columns: Sequence[str],
-                       baseline_accuracy: dict[str, float | None], title: str) -> Path:
-    """Curves over hidden states: cluster quality, label separability, diversity, anisotropy, dimension (TwoNN,
-    PCA components for 90 % and 95 %, participation ratio) and vector length."""
-    from matplotlib.ticker import MaxNLocator
-
-    layers = [m["layer"] for m in per_layer]
-    fig = _figure(17, 7.6)
-    axes = fig.subplots(2, 4).ravel()
-
-    def values(key):
-        return [np.nan if m[key] is None else m[key] for m in per_layer]
-
-    def curve(ax, key, ylabel, subtitle, ylim=None, label=None, colour="steelblue"):
-        ax.plot(layers, values(key), marker="o", color=colour, label=label)
-        ax.set_title(subtitle, fontsize=10)
-        ax.set_ylabel(ylabel)
-        if ylim:
-            ax.set_ylim(*ylim)
-
-    curve(axes[0], "silhouette", "silhouette (cosine)", "cluster separation (k-means)", (-1, 1))
-    ax = axes[1]
+def _label_separability(ax, per_layer: Sequence[LayerMetrics], label_columns: Sequence[str],
+                        baseline_accuracy: Mapping[str, float | None]) -> None:
+    """k-NN accuracy over hidden states per label column, with the baseline's as a dashed level."""
+    layers = [m.layer for m in per_layer]
     if label_columns:
-        colours = _colours(len(label_columns))
-        for column, colour in zip(label_columns, colours):
-            accuracy = [np.nan if m["knn_accuracy"].get(column) is None else m["knn_accuracy"][column]
-                        for m in per_layer]
+        for column, colour in zip(label_columns, _colours(len(label_columns))):
+            accuracy = [np.nan if m.knn_accuracy.get(column) is None else m.knn_accuracy[column] for m in per_layer]
             ax.plot(layers, accuracy, marker="o", color=colour, label=column)
             if baseline_accuracy.get(column) is not None:
                 ax.axhline(baseline_accuracy[column], color=colour, linestyle="--", linewidth=1,
@@ -179,6 +162,28 @@ def plot_layer_metrics(path: Path, per_layer: list[dict], label_columns: Sequenc
                 color="dimgray")
     ax.set_title("label separability (leave-one-out k-NN)", fontsize=10)
     ax.set_ylabel("accuracy")
+
+
+def plot_layer_metrics(path: Path, per_layer: Sequence[LayerMetrics], label_columns: Sequence[str],
+                       baseline_accuracy: Mapping[str, float | None], title: str) -> Path:
+    """Curves over hidden states: cluster quality, label separability, diversity, anisotropy, dimension (TwoNN,
+    PCA components for 90 % and 95 %, participation ratio) and vector length."""
+    from matplotlib.ticker import MaxNLocator
+
+    layers = [m.layer for m in per_layer]
+    fig = _figure(17, 7.6)
+    axes = fig.subplots(2, 4).ravel()
+
+    def curve(ax, key, ylabel, subtitle, ylim=None, label=None, colour="steelblue"):
+        values = [np.nan if getattr(m, key) is None else getattr(m, key) for m in per_layer]
+        ax.plot(layers, values, marker="o", color=colour, label=label)
+        ax.set_title(subtitle, fontsize=10)
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+
+    curve(axes[0], "silhouette", "silhouette (cosine)", "cluster separation (k-means)", (-1, 1))
+    _label_separability(axes[1], per_layer, label_columns, baseline_accuracy)
     curve(axes[2], "vendi_score", "Vendi score (effective number of tracks)", "diversity")
     curve(axes[3], "anisotropy", "mean cosine similarity (uncentred)", "anisotropy", (-0.05, 1.05))
     curve(axes[4], "intrinsic_dimension", "TwoNN estimate", "intrinsic dimension")
@@ -188,9 +193,8 @@ def plot_layer_metrics(path: Path, per_layer: list[dict], label_columns: Sequenc
     axes[5].legend(fontsize=8, loc="best")
     axes[5].yaxis.set_major_locator(MaxNLocator(integer=True))
     curve(axes[6], "participation_ratio", "participation ratio", "effective dimension (PCA participation ratio)")
-    norms = [m["norm"] for m in per_layer]
     ax = axes[7]
-    mean, std = np.array([v["mean"] for v in norms]), np.array([v["std"] for v in norms])
+    mean, std = np.array([m.norm.mean for m in per_layer]), np.array([m.norm.std for m in per_layer])
     ax.plot(layers, mean, marker="o", color="steelblue", label="mean")
     ax.fill_between(layers, mean - std, mean + std, color="steelblue", alpha=0.2, label="± 1 std")
     ax.legend(fontsize=8, loc="best")
@@ -212,20 +216,20 @@ def _bar_values(ax, bars, values: Sequence[float]) -> None:
                     textcoords="offset points", va="center", fontsize=7, color="dimgray")
 
 
-def plot_method_comparison(path: Path, comparison: dict, title: str) -> Path:
+def plot_method_comparison(path: Path, comparison: MethodComparison, title: str) -> Path:
     """The method comparison table as bars (k-NN label agreement per label column, anisotropy, effective
     dimension) and the linear CKA of every pair of methods as a heat map."""
-    rows = comparison["methods"]
-    methods = [r["method"] for r in rows]
+    rows = comparison.methods
+    methods = [r.method for r in rows]
     positions = np.arange(len(methods))
     fig = _figure(15, 4.2 + 0.32 * len(methods))
     grid = fig.add_gridspec(1, 4, width_ratios=[1.3, 1, 1, 1.6])
     ax = fig.add_subplot(grid[0])
-    columns = list(rows[0]["knn_label_agreement"]) if rows else []
+    columns = list(rows[0].knn_label_agreement) if rows else []
     if columns:
         height = 0.8 / len(columns)
         for c, (column, colour) in enumerate(zip(columns, _colours(len(columns)))):
-            agreement = [np.nan if r["knn_label_agreement"][column] is None else r["knn_label_agreement"][column]
+            agreement = [np.nan if r.knn_label_agreement[column] is None else r.knn_label_agreement[column]
                          for r in rows]
             bars = ax.barh(positions - 0.4 + (c + 0.5) * height, agreement, height=height, color=colour,
                            label=column)
@@ -240,7 +244,7 @@ def plot_method_comparison(path: Path, comparison: dict, title: str) -> Path:
     for ax, key, subtitle, xlabel in (
             (fig.add_subplot(grid[1]), "anisotropy", "anisotropy", "mean cosine similarity of track pairs"),
             (fig.add_subplot(grid[2]), "effective_dimension", "effective dimension", "PCA participation ratio")):
-        measured = [np.nan if r[key] is None else r[key] for r in rows]
+        measured = [np.nan if getattr(r, key) is None else getattr(r, key) for r in rows]
         _bar_values(ax, ax.barh(positions, measured, color="steelblue"), measured)
         ax.set_xmargin(0.25)
         ax.set_yticks(positions, [])
@@ -250,7 +254,7 @@ def plot_method_comparison(path: Path, comparison: dict, title: str) -> Path:
         ax.invert_yaxis()
         ax.grid(alpha=0.3, axis="x")
     ax = fig.add_subplot(grid[3])
-    matrix = np.array([[np.nan if v is None else v for v in row] for row in comparison["cka"]["matrix"]], dtype=float)
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in comparison.cka], dtype=float)
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(positions, methods, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(positions, methods, fontsize=7)
@@ -261,11 +265,11 @@ def plot_method_comparison(path: Path, comparison: dict, title: str) -> Path:
                         color="white" if matrix[i, j] < 0.6 else "black")
     fig.colorbar(image, ax=ax, shrink=0.8, label="linear CKA")
     ax.set_title("similarity of methods (linear CKA)", fontsize=10)
-    fig.suptitle(f"{title} ({comparison['n_tracks']} tracks)", fontsize=12)
+    fig.suptitle(f"{title} ({comparison.n_tracks} tracks)", fontsize=12)
     return _save(fig, path)
 
 
-def plot_coverage(path: Path, coverage: dict, title: str, max_columns: int = 3) -> Path:
+def plot_coverage(path: Path, coverage: Mapping[str, Coverage], title: str, max_columns: int = 3) -> Path:
     """Per label column (the first ``max_columns``): tracks per label with under-covered labels in red and each
     label's spread, and the cosine distances between label centroids."""
     from matplotlib.ticker import MaxNLocator
@@ -274,27 +278,26 @@ def plot_coverage(path: Path, coverage: dict, title: str, max_columns: int = 3) 
     fig = _figure(13, 4.6 * len(columns))
     axes = fig.subplots(len(columns), 2, squeeze=False, width_ratios=[1.3, 1])
     for (column, result), (bars, heat) in zip(columns, axes):
-        names = list(result["labels"])
-        under = {u["label"] for u in result["under_covered"]}
-        counts = [result["labels"][name]["n_tracks"] for name in names]
+        names = list(result.labels)
+        under = {u.label for u in result.under_covered}
+        counts = [result.labels[name].n_tracks for name in names]
         positions = np.arange(len(names))
         bars.bar(positions, counts, color=["crimson" if name in under else "steelblue" for name in names])
         bars.set_xticks(positions, [_short(name, 18) for name in names], rotation=45, ha="right", fontsize=8)
         bars.set_ylabel("tracks")
         bars.yaxis.set_major_locator(MaxNLocator(integer=True))
         spread = bars.twinx()
-        spreads = [np.nan if result["labels"][name]["spread"] is None else result["labels"][name]["spread"]
-                   for name in names]
+        spreads = [np.nan if result.labels[name].spread is None else result.labels[name].spread for name in names]
         spread.plot(positions, spreads, "o", color="darkorange", label="spread")
         spread.set_ylabel("spread (mean cosine distance to the label's centre)", fontsize=8)
         top = np.nanmax(spreads) if np.isfinite(spreads).any() else 0.0
         spread.set_ylim(0, 1.15 * top if top > 0 else 1.0)
-        agreement = result["knn_agreement"]
+        agreement = result.knn_agreement
         bars.set_title(f"label '{column}': tracks per label (red: under-covered), k-NN agreement "
                        f"{'undefined' if agreement is None else f'{agreement:.2f}'}", fontsize=10)
         bars.grid(alpha=0.3, axis="y")
-        matrix = np.array([[np.nan if v is None else v for v in row]
-                           for row in result["centroid_distances"]["matrix"]], dtype=float)
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in result.centroid_distances],
+                          dtype=float)
         image = heat.imshow(matrix, vmin=0, cmap="magma_r")
         heat.set_xticks(positions, [_short(name, 14) for name in names], rotation=60, ha="right", fontsize=7)
         heat.set_yticks(positions, [_short(name, 14) for name in names], fontsize=7)
@@ -331,3 +334,55 @@ def plot_similarity_histogram(path: Path, similarities: np.ndarray, duplicate_si
     ax.legend(fontsize=9, loc="upper left")
     ax.set_title(f"{title} ({similarities.size} pairs)", fontsize=12)
     return _save(fig, path)
+
+
+def _map_panels(report: AnalysisReport) -> tuple[dict[str, list], dict[str, list[int]]]:
+    """The map's panels: each clustering and the first three label columns (group per track), and each
+    clustering's exemplars (track indices)."""
+    index = {t.track_id: i for i, t in enumerate(report.tracks)}
+
+    def exemplars(method: Clustering) -> list[int]:
+        return [index[e.track_id] for e in method.exemplars]
+
+    clusters = report.clusters
+    groups = {"k-means cluster": [f"cluster {t.cluster}" for t in report.tracks]}
+    marked = {"k-means cluster": exemplars(clusters.kmeans)}
+    for name, method, key in (("agglomerative", clusters.agglomerative, "cluster_agglomerative"),
+                              ("DBSCAN", clusters.dbscan, "cluster_dbscan")):
+        if isinstance(method, Clustering):
+            groups[f"{name} cluster"] = ["noise" if getattr(t, key) < 0 else f"cluster {getattr(t, key)}"
+                                         for t in report.tracks]
+            marked[f"{name} cluster"] = exemplars(method)
+    groups.update({f"label '{c}'": [t.labels[c] for t in report.tracks] for c in list(report.labels.columns)[:3]})
+    return groups, marked
+
+
+def plot_report(report: AnalysisReport, vectors: np.ndarray, report_dir: Path) -> dict[str, Path]:
+    """Every plot of ``report`` into ``report_dir``; ``vectors`` float [n_tracks, hidden] are the layer means it
+    describes (for the similarity histogram). Returns {plot name: PNG file}."""
+    title = f"{report.dataset}: {report.n_tracks} tracks"
+    index = {t.track_id: i for i, t in enumerate(report.tracks)}
+    groups, exemplars = _map_panels(report)
+    columns = list(report.labels.columns)
+    baseline_accuracy = {c: m.knn_accuracy for c, m in report.baseline.labels.items()}
+    plots = {
+        "map": plot_map(report_dir / "map.png", np.array([t.map for t in report.tracks]), groups,
+                        [t.relative_path for t in report.tracks], report.map_variance,
+                        [index[o.track_id] for o in report.outliers.tracks],
+                        f"{title}, PCA map of the track embeddings", exemplars),
+        "explained_variance": plot_explained_variance(
+            report_dir / "explained_variance.png", [m.explained_variance_ratio for m in report.per_layer],
+            report.dimension.explained_variance_ratio, f"{title}, PCA of each hidden state"),
+        "layer_metrics": plot_layer_metrics(report_dir / "layer_metrics.png", report.per_layer, columns,
+                                            baseline_accuracy, f"{title}, metrics per hidden state"),
+        "similarity_histogram": plot_similarity_histogram(
+            report_dir / "similarity_histogram.png",
+            pairwise_similarities(vectors, MAX_SAMPLE_TRACKS, report.random_state),
+            report.near_duplicates.min_similarity, f"{title}, pairwise similarities"),
+        "method_comparison": plot_method_comparison(report_dir / "method_comparison.png", report.method_comparison,
+                                                    f"{title}, embedding methods compared"),
+    }
+    if report.coverage:
+        plots["coverage"] = plot_coverage(report_dir / "coverage.png", report.coverage,
+                                          f"{title}, coverage of the labels")
+    return plots

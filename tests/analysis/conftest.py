@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from tests.helpers.audio import write_audio
 
 SAMPLE_RATE = 22050

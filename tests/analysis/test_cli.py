@@ -8,16 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from mess_ai.analysis import cli
-from mess_ai.demo import write_demo_audio
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from cli import analysis as cli
+from cli.demo import write_demo_audio
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from tests.analysis.test_report import PNG_MAGIC, strict_json
 from tests.helpers.embeddings import write_store
 
 
-def run(*argv) -> int:
+def run(*argv, analyze_runner=None) -> int:
     parser = argparse.ArgumentParser(prog="mess-ai")
-    cli.register(parser.add_subparsers(dest="command", required=True))
+    cli.register(parser.add_subparsers(dest="command", required=True), analyze_runner=analyze_runner)
     args = parser.parse_args([str(a) for a in argv])
     return args.func(args)
 
@@ -55,6 +56,20 @@ def test_analyze_on_the_demo_store_writes_report_and_plots(demo_store, capsys):
                "--no-baseline") == 0
     printed = strict_json(capsys.readouterr().out)
     assert printed["clusters"]["n_clusters"] == 3 and printed["baseline"]["reason"] == "not requested"
+
+
+def test_analyze_prints_a_flow_result_as_it_prints_the_report(demo_store, capsys):
+    """The main CLI runs the analysis as a flow, whose result is the report's JSON: the summary is the same."""
+    from mess_ai.analysis.report import run_analysis
+
+    def as_flow(*args, **kwargs) -> dict:
+        return run_analysis(*args, **kwargs).to_json()
+
+    capsys.readouterr()
+    assert run("analyze", "--store", demo_store, "--no-baseline") == 0
+    direct = capsys.readouterr().out
+    assert run("analyze", "--store", demo_store, "--no-baseline", analyze_runner=as_flow) == 0
+    assert capsys.readouterr().out == direct and "MFCC + chroma baseline: not computed (not requested)" in direct
 
 
 def test_similar_on_the_demo_store(demo_store, capsys):

@@ -1,15 +1,18 @@
-"""``run_analysis``: the report and its plots, planted structure in every section (per layer too), and bad input
-refused with numbers."""
+"""``run_analysis``: the report and its plots, planted structure in every section (per layer too), the report file
+read back into the same results, the computation writing nothing, and bad input refused with numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from mess_ai.analysis.dataset_analysis import analyze_dataset, load_inputs
 from mess_ai.analysis.embedding_diversity import BASELINE_METHOD
-from mess_ai.analysis.report import json_ready, run_analysis
+from mess_ai.analysis.report import run_analysis
+from mess_ai.analysis.results import AnalysisReport, DbscanClustering, WardClustering, json_ready
 from mess_ai.store.atomic import atomic_save_npy
 from tests.helpers.embeddings import layered, planted_blobs, write_store
 
@@ -18,6 +21,11 @@ PLOTS = {"map", "explained_variance", "layer_metrics", "similarity_histogram", "
 LAYER_KEYS = {"layer", "silhouette", "knn_accuracy", "vendi_score", "mean_pairwise_cosine_distance", "anisotropy",
               "norm", "constant_dimensions", "n_outliers", "n_near_duplicates", "intrinsic_dimension",
               "pca_components_90", "pca_components_95", "participation_ratio", "explained_variance_ratio"}
+# The report file's sections, in order: readers of report.json and of the flow's result rely on them.
+REPORT_KEYS = ["format", "mess_ai_version", "created_at", "store", "dataset", "n_tracks", "model", "config_key",
+               "n_hidden_states", "hidden_size", "fingerprint", "random_state", "representation", "quality", "clusters",
+               "outliers", "near_duplicates", "dimension", "diversity", "labels", "coverage", "per_layer",
+               "method_comparison", "baseline", "tracks", "notes", "files"]
 
 
 def strict_json(text):
@@ -29,13 +37,15 @@ def strict_json(text):
 
 
 def check_written(report):
-    files = report["files"]
-    on_disk = strict_json(open(files["report"], encoding="utf-8").read())
-    assert on_disk["n_tracks"] == report["n_tracks"] and on_disk["files"] == files
-    assert set(files["plots"]) == PLOTS | ({"coverage"} if report["coverage"] else set())
-    for path in files["plots"].values():
-        with open(path, "rb") as fh:
-            assert fh.read(8) == PNG_MAGIC
+    """The report file is ``report.to_json()``, holds the report's sections in order, and reads back into the
+    same report; every plot is a PNG. Returns the file's JSON."""
+    files = report.files
+    on_disk = strict_json(files.report.read_text(encoding="utf-8"))
+    assert on_disk == report.to_json() and list(on_disk) == REPORT_KEYS
+    assert AnalysisReport.from_json(on_disk).to_json() == on_disk
+    assert set(files.plots) == PLOTS | ({"coverage"} if report.coverage else set())
+    for path in files.plots.values():
+        assert path.read_bytes()[:8] == PNG_MAGIC
     return on_disk
 
 
@@ -57,30 +67,32 @@ def test_planted_structure_reaches_the_report(tmp_path):
     ids, names = planted_store(tmp_path / "store")
     report = run_analysis(tmp_path / "store", "planted", baseline=False)
     on_disk = check_written(report)
-    clusters = report["clusters"]
-    assert clusters["n_clusters"] >= 3 and clusters["calinski_harabasz"] > 0 and clusters["davies_bouldin"] > 0
-    for method in (clusters, clusters["agglomerative"], clusters["dbscan"]):
-        assert [e["cluster"] for e in method["exemplars"]] == list(range(method["n_clusters"]))
-        assert all(e["relative_path"] in names for e in method["exemplars"])
-    assert "odd/outlier.wav" in [t["relative_path"] for t in report["tracks"] if t["cluster_dbscan"] == -1]
-    folder = report["labels"]["columns"]["folder"]
-    assert report["labels"]["source"] == "top folder of each file" and folder["knn_accuracy"] >= 0.9
-    coverage = report["coverage"]["folder"]
-    assert coverage["knn_agreement"] == folder["knn_accuracy"]
-    assert [u["label"] for u in coverage["under_covered"]] == ["odd"]
-    assert report["outliers"]["tracks"][0]["relative_path"] == "odd/outlier.wav"
-    pairs = report["near_duplicates"]["pairs"]
-    assert {pairs[0]["a"], pairs[0]["b"]} == {"g0/t00.wav", "g0/copy_of_t00.wav"}
-    assert report["quality"]["constant_dimensions"] == 0 and -1 <= report["quality"]["anisotropy"] <= 1
-    assert report["dimension"]["pca_components_90"] <= report["dimension"]["pca_components_95"]
-    assert len(report["per_layer"]) == 3 and report["per_layer"][0]["layer"] == 0
-    assert all(set(layer) == LAYER_KEYS for layer in report["per_layer"])
-    comparison = report["method_comparison"]
-    assert [r["method"] for r in comparison["methods"]] == ["layer 0, centred", "layer 1, centred", "layer 2, centred",
-                                                            "layer mean, raw", "layer mean, centred",
-                                                            "layer mean, whitened"]
-    assert report["baseline"] == {"available": False, "reason": "not requested"}
+    clusters = report.clusters
+    kmeans = clusters.kmeans
+    assert kmeans.n_clusters >= 3 and kmeans.calinski_harabasz > 0 and kmeans.davies_bouldin > 0
+    assert isinstance(clusters.agglomerative, WardClustering) and isinstance(clusters.dbscan, DbscanClustering)
+    for method in (kmeans, clusters.agglomerative, clusters.dbscan):
+        assert [e.cluster for e in method.exemplars] == list(range(method.n_clusters))
+        assert all(e.relative_path in names for e in method.exemplars)
+    assert "odd/outlier.wav" in [t.relative_path for t in report.tracks if t.cluster_dbscan == -1]
+    folder = report.labels.columns["folder"]
+    assert report.labels.source == "top folder of each file" and folder.knn_accuracy >= 0.9
+    coverage = report.coverage["folder"]
+    assert coverage.knn_agreement == folder.knn_accuracy
+    assert [u.label for u in coverage.under_covered] == ["odd"]
+    assert report.outliers.tracks[0].relative_path == "odd/outlier.wav"
+    pairs = report.near_duplicates.pairs
+    assert {pairs[0].a, pairs[0].b} == {"g0/t00.wav", "g0/copy_of_t00.wav"}
+    assert report.quality.constant_dimensions == 0 and -1 <= report.quality.anisotropy <= 1
+    assert report.dimension.pca_components_90 <= report.dimension.pca_components_95
+    assert len(report.per_layer) == 3 and report.per_layer[0].layer == 0
+    assert all(set(layer) == LAYER_KEYS for layer in on_disk["per_layer"])
+    comparison = report.method_comparison
+    assert [r.method for r in comparison.methods] == ["layer 0, centred", "layer 1, centred", "layer 2, centred",
+                                                      "layer mean, raw", "layer mean, centred", "layer mean, whitened"]
+    assert on_disk["baseline"] == {"available": False, "reason": "not requested"} and not report.baseline.available
     assert [t["relative_path"] for t in on_disk["tracks"]] == sorted(names)
+    assert len(report.map_variance) == 2 and report.map_variance[0] >= report.map_variance[1]
 
 
 def test_each_of_13_hidden_states_is_measured_and_compared(tmp_path):
@@ -94,17 +106,17 @@ def test_each_of_13_hidden_states_is_measured_and_compared(tmp_path):
     write_store(tmp_path / "store", "deep", dict(zip(ids, features)), relative_paths=dict(zip(ids, names)))
     report = run_analysis(tmp_path / "store", "deep", n_clusters=3, baseline=False)
     check_written(report)
-    per_layer = report["per_layer"]
-    assert [m["layer"] for m in per_layer] == list(range(13)) and report["n_hidden_states"] == 13
-    assert per_layer[12]["knn_accuracy"]["folder"] == 1.0 > per_layer[0]["knn_accuracy"]["folder"]
-    assert per_layer[12]["silhouette"] > per_layer[0]["silhouette"]
+    per_layer = report.per_layer
+    assert [m.layer for m in per_layer] == list(range(13)) and report.n_hidden_states == 13
+    assert per_layer[12].knn_accuracy["folder"] == 1.0 > per_layer[0].knn_accuracy["folder"]
+    assert per_layer[12].silhouette > per_layer[0].silhouette
     for m in per_layer:
-        assert 1 <= m["pca_components_90"] <= m["pca_components_95"] <= 16 and 1 <= m["participation_ratio"] <= 16
-    rows = {r["method"]: r for r in report["method_comparison"]["methods"]}
-    assert len(rows) == 13 + 3 and len(report["method_comparison"]["cka"]["matrix"]) == 16
+        assert 1 <= m.pca_components_90 <= m.pca_components_95 <= 16 and 1 <= m.participation_ratio <= 16
+    rows = {r.method: r for r in report.method_comparison.methods}
+    assert len(rows) == 13 + 3 and len(report.method_comparison.cka) == 16
     # The table and the per-layer section measure a layer in the same geometry, so they agree.
-    assert all(rows[f"layer {m['layer']}, centred"]["knn_label_agreement"] == m["knn_accuracy"] for m in per_layer)
-    assert rows["layer 12, centred"]["knn_label_agreement"]["folder"] == 1.0
+    assert all(rows[f"layer {m.layer}, centred"].knn_label_agreement == m.knn_accuracy for m in per_layer)
+    assert rows["layer 12, centred"].knn_label_agreement["folder"] == 1.0
 
 
 def test_fixed_k_matches_the_planted_blobs(tmp_path):
@@ -112,9 +124,9 @@ def test_fixed_k_matches_the_planted_blobs(tmp_path):
 
     planted_store(tmp_path / "store", outlier=False, duplicate=False)
     report = run_analysis(tmp_path / "store", None, n_clusters=3, baseline=False)
-    folders = [t["labels"]["folder"] for t in report["tracks"]]
-    assert adjusted_rand_score(folders, [t["cluster"] for t in report["tracks"]]) >= 0.9
-    assert report["clusters"]["chosen_by"] == "given" and report["clusters"]["sizes"] == [8, 8, 8]
+    folders = [t.labels["folder"] for t in report.tracks]
+    assert adjusted_rand_score(folders, [t.cluster for t in report.tracks]) >= 0.9
+    assert report.clusters.kmeans.chosen_by == "given" and report.clusters.kmeans.sizes == (8, 8, 8)
 
 
 def test_tones_and_noise_separated_by_baseline_with_labels_csv(tone_store, tmp_path):
@@ -124,20 +136,20 @@ def test_tones_and_noise_separated_by_baseline_with_labels_csv(tone_store, tmp_p
     rows = [f"{rel.split('/')[-1] if i % 2 else rel},{cls}" for i, (rel, cls) in enumerate(classes.items())]
     labels.write_text("file,pitch_class\n" + "\n".join(rows) + "\n")
     report = run_analysis(store, dataset, labels_csv=labels, n_clusters=4)
-    check_written(report)
-    assert report["labels"]["source"] == str(labels)
-    baseline = report["baseline"]
-    assert baseline["available"] and baseline["n_tracks"] == 12 and baseline["n_clusters"] == 4
-    assert baseline["labels"]["pitch_class"]["adjusted_rand_index"] >= 0.9
-    assert baseline["labels"]["pitch_class"]["knn_accuracy"] == 1.0
-    embedding = report["labels"]["columns"]["pitch_class"]
-    assert embedding["n_labelled"] == 12 and embedding["classes"] == {"A": 3, "C": 3, "E": 3, "noise": 3}
-    assert report["coverage"]["pitch_class"]["under_covered"] == []
-    comparison = report["method_comparison"]
-    methods = [r["method"] for r in comparison["methods"]]
-    assert methods[-1] == BASELINE_METHOD and len(methods) == 3 + 3 + 1 and comparison["n_tracks"] == 12
-    assert comparison["methods"][-1]["knn_label_agreement"] == {"pitch_class": 1.0}
-    assert comparison["cka"]["methods"] == methods and comparison["cka"]["matrix"][-1][-1] == pytest.approx(1)
+    on_disk = check_written(report)
+    assert report.labels.source == str(labels)
+    baseline = report.baseline
+    assert baseline.available and baseline.n_tracks == 12 and baseline.n_clusters == 4
+    assert baseline.labels["pitch_class"].adjusted_rand_index >= 0.9
+    assert baseline.labels["pitch_class"].knn_accuracy == 1.0
+    embedding = report.labels.columns["pitch_class"]
+    assert embedding.n_labelled == 12 and embedding.classes == {"A": 3, "C": 3, "E": 3, "noise": 3}
+    assert report.coverage["pitch_class"].under_covered == ()
+    comparison = report.method_comparison
+    methods = [r.method for r in comparison.methods]
+    assert methods[-1] == BASELINE_METHOD and len(methods) == 3 + 3 + 1 and comparison.n_tracks == 12
+    assert comparison.methods[-1].knn_label_agreement == {"pitch_class": 1.0}
+    assert on_disk["method_comparison"]["cka"]["methods"] == methods and comparison.cka[-1][-1] == pytest.approx(1)
 
 
 def test_too_few_tracks_and_bad_k_name_the_numbers(tmp_path):
@@ -180,13 +192,14 @@ def test_undefined_metrics_are_null_never_nan(tmp_path):
     write_store(tmp_path / "s", "d", {"x": a, "y": a, "z": b}, relative_paths={"x": "p/x.wav", "y": "p/y.wav",
                                                                               "z": "q/z.wav"})
     report = run_analysis(tmp_path / "s", "d", baseline=True)
-    check_written(report)
-    assert report["baseline"]["available"] is False and report["baseline"]["n_skipped"] == 3
-    assert report["dimension"]["intrinsic_dimension"] is None
-    assert report["near_duplicates"]["count"] == 1
-    dbscan = report["clusters"]["dbscan"]  # one cluster and a noise track: no separation to score
-    assert dbscan["n_clusters"] == 1 and dbscan["silhouette"] is dbscan["davies_bouldin"] is None
-    assert report["coverage"]["folder"]["labels"]["q"]["spread"] is None  # a label of one track
+    on_disk = check_written(report)
+    assert report.baseline.available is False and report.baseline.n_skipped == 3
+    assert report.dimension.intrinsic_dimension is None
+    assert report.near_duplicates.count == 1
+    dbscan = report.clusters.dbscan  # one cluster and a noise track: no separation to score
+    assert dbscan.n_clusters == 1 and dbscan.silhouette is dbscan.davies_bouldin is None
+    assert report.coverage["folder"].labels["q"].spread is None  # a label of one track
+    assert on_disk["coverage"]["folder"]["labels"]["q"]["spread"] is None
 
 
 def test_json_ready_refuses_non_finite_numbers():
@@ -195,3 +208,16 @@ def test_json_ready_refuses_non_finite_numbers():
         json_ready({"per_layer": [{"silhouette": 0.1}, {"silhouette": float("nan")}]})
     with pytest.raises(ValueError, match="is inf"):
         json_ready(np.array([1.0, np.inf]))
+
+
+def test_computing_writes_nothing_and_a_nan_in_a_result_is_refused_by_name(tmp_path):
+    planted_store(tmp_path / "store")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    inputs = load_inputs(tmp_path / "store", "planted", baseline=False)
+    report = analyze_dataset(inputs, n_clusters=3)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert report.files is None and "files" not in report.to_json() and report.n_tracks == len(inputs.data.tracks)
+    broken = dataclasses.replace(report, per_layer=(
+        report.per_layer[0], dataclasses.replace(report.per_layer[1], silhouette=float("nan"))))
+    with pytest.raises(ValueError, match=r"AnalysisReport.per_layer\[1\].silhouette is nan"):
+        broken.to_json()
