@@ -51,7 +51,7 @@ bench: install
 
 # Long fault-injection runs (repeated SIGKILLs and the like); figures into docs/reliability.md.
 soak: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak tests/reliability $(PYTEST_ARGS)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m soak tests/reliability tests/test_kill.py $(PYTEST_ARGS)
 
 # A compressed month of scheduled nights (30, every 20 s) with workers killed and the server restarted (~15 min).
 soak-nightly: install

@@ -127,10 +127,13 @@ def run_flow(audio_dir: Path, store: Path, model: str, **parameters: Any) -> dic
 
     from bench.probe import OVERHEAD_PROBE, PROBE_REVISION
 
+    from mess_ai.config import split_settings
+
     parameters.setdefault("device", "cpu")
     if model == OVERHEAD_PROBE:
         parameters.setdefault("revision", PROBE_REVISION)
-    return extract_features(audio_dir=str(audio_dir), store=str(store), model=model, **parameters)
+    config, run, rest = split_settings(model=model, **parameters)
+    return extract_features(audio_dir=str(audio_dir), store=str(store), config=config, run=run, **rest)
 
 
 _flow_warmed = False
@@ -169,7 +172,8 @@ def audio_set(workdir: Path, files: int, seconds: float, sample_rate: int = SOUR
 
 def checkpoint(workdir: Path, size: str) -> str:
     """A MERT-format checkpoint with RANDOM weights (``base``: MERT-v1-95M's shape), written once per workdir."""
-    from mess_ai.features.model import SAFETENSORS_FILE, write_test_model
+    from mess_ai.features.checkpoint import SAFETENSORS_FILE
+    from mess_ai.features.random_checkpoints import write_test_model
 
     directory = workdir / "checkpoints" / size
     if not (directory / SAFETENSORS_FILE).exists():  # written last

@@ -33,7 +33,7 @@ def layer_cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 def measure(workdir: Path, device: str, quick: bool, result: dict[str, Any]) -> None:
     """Every figure of this benchmark on ``device`` (the benchmark calls it with CUDA only)."""
     from mess_ai.features.extractor import Extractor
-    from mess_ai.features.model import get_model
+    from mess_ai.features.loading import get_model
 
     size, files, seconds = ("tiny", 2, 20.0) if quick else ("base", 10, 180.0)
     batch_sizes = BATCH_SIZES[:2] if quick else BATCH_SIZES

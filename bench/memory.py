@@ -19,7 +19,6 @@ import torch
 
 from bench.common import add_figure, add_target, audio_set, checkpoint, new_result
 from bench.probe import OverheadProbeModel, conv_frames
-from mess_ai.features.extractor import extract_hidden_states
 
 NAME = "memory"
 TARGET_BYTES = 1e9
@@ -28,8 +27,8 @@ REAL_BATCHES = 2
 
 @dataclass(frozen=True)
 class MemoryProbeModel(OverheadProbeModel):
-    """The memory probe: ``real_model`` for the first ``real_batches`` calls (computed as the extractor computes a
-    plain model's: the front end one window at a time), the overhead probe's zeros after."""
+    """The memory probe: ``real_model``'s hidden states for the first ``real_batches`` calls (the forward a real run
+    makes: the front end one window at a time), the overhead probe's zeros after."""
 
     real_model: Any = None
     real_batches: int = 0
@@ -38,7 +37,7 @@ class MemoryProbeModel(OverheadProbeModel):
     def hidden_states(self, input_values: torch.Tensor) -> torch.Tensor:
         if self.calls[0] < self.real_batches:
             self.calls[0] += 1
-            return extract_hidden_states(self.real_model, input_values)
+            return self.real_model.hidden_states(input_values)
         return super().hidden_states(input_values)
 
 
@@ -49,7 +48,8 @@ def _measure(workdir: Path, model_path: str, audio: Path, connection: Any) -> No
     prepare_environment()  # its own Prefect home and API: nothing here has imported Prefect yet
     from mess_ai.audio import WindowSpec, window_bounds
     from mess_ai.features.extractor import default_batch_size
-    from mess_ai.features.model import LoadedModel, get_model
+    from mess_ai.features.loaded import LoadedModel
+    from mess_ai.features.loading import get_model
     from mess_ai.monitoring import ResourceMonitor
 
     warm_up_flow(workdir)  # imports and Prefect's first-run allocations are not the pipeline's

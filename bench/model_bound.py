@@ -46,7 +46,7 @@ def bare_loop(model: Any, windows: np.ndarray, batch_size: int) -> tuple[float, 
 
 def run(workdir: Path, quick: bool) -> dict[str, Any]:
     from mess_ai.features.extractor import default_batch_size
-    from mess_ai.features.model import get_model
+    from mess_ai.features.loading import get_model
 
     result = new_result(NAME, quick)
     size, files, seconds = ("tiny", 2, 20.0) if quick else ("base", 2, 180.0)

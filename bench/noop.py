@@ -20,7 +20,8 @@ REPEATS = 3
 
 
 def run(workdir: Path, quick: bool) -> dict[str, Any]:
-    from mess_ai.pipeline import ExtractConfig, run_extraction
+    from mess_ai.config import ExtractConfig
+    from mess_ai.pipeline import run_extraction
 
     result = new_result(NAME, quick)
     files = 10 if quick else 1000

@@ -56,7 +56,8 @@ def decode_steps(paths: list[Path], sample_rate: int = 24000, block_seconds: flo
 
 def run(workdir: Path, quick: bool) -> dict[str, Any]:
     from mess_ai.audio import discover_audio, load_mono
-    from mess_ai.pipeline import STAGES, ExtractConfig, run_extraction
+    from mess_ai.config import ExtractConfig
+    from mess_ai.pipeline import STAGES, run_extraction
 
     result = new_result(NAME, quick)
     files, seconds = (2, 20.0) if quick else (20, 180.0)

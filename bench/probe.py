@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from mess_ai.features.model import LoadedModel, mert_config, resolve_device
+from mess_ai.features.device import resolve_device
+from mess_ai.features.loaded import LoadedModel
+from mess_ai.features.random_checkpoints import mert_config
 
 OVERHEAD_PROBE = "mess-ai-bench/overhead-probe"
 # A hub-style name is pinned to a commit in the content key; the probe's is this one (no hub is ever asked).

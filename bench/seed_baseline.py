@@ -61,7 +61,7 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
 
     from mess_ai.audio import discover_audio
     from mess_ai.features.extractor import default_batch_size
-    from mess_ai.features.model import get_model
+    from mess_ai.features.loading import get_model
 
     result = new_result(NAME, quick)
     size, files, seconds = ("tiny", 2, 10.0) if quick else ("base", 2, 30.0)

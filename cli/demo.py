@@ -55,8 +55,9 @@ def write_demo_audio(folder: Path) -> list[Path]:
 
 def run_demo(workdir: Path) -> int:
     """Write the demo inputs (once) and extract them through the ``extract-features`` Prefect flow."""
-    from mess_ai.cli import default_gpu_limit, prefect_ui_hint, print_summary
-    from mess_ai.features.model import write_test_model
+    from cli.report import prefect_ui_hint, print_summary
+    from deployments.runtime import default_gpu_limit
+    from mess_ai.features.random_checkpoints import write_test_model
     from mess_ai.pipeline import RunSummary
 
     workdir = workdir.absolute()
@@ -75,10 +76,11 @@ def run_demo(workdir: Path) -> int:
     print("   (the real model is m-a-p/MERT-v1-95M; see the README for running with it)")
     print("3. Extracting features through the Prefect flow `extract-features` (what `mess-ai extract` runs)\n")
     from flows.extract import extract_features
+    from mess_ai.config import ExtractConfig, RunOptions
 
-    summary = RunSummary.from_dict(extract_features(audio_dir=str(audio_dir), store=str(store_dir), dataset="demo",
-                                                    model=str(model_dir), device="cpu",
-                                                    gpu_limit=default_gpu_limit()))
+    summary = RunSummary.from_dict(extract_features(
+        audio_dir=str(audio_dir), store=str(store_dir), dataset="demo",
+        config=ExtractConfig(model=str(model_dir), device="cpu"), run=RunOptions(gpu_limit=default_gpu_limit())))
     print_summary(summary)
     print(prefect_ui_hint())
 

@@ -14,21 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mess_ai.analysis import cli as analysis_cli
+from cli import analysis as analysis_cli
+from cli.options import add_model_options, model_from_options
+from cli.report import prefect_ui_hint, print_summary
+from deployments.runtime import default_gpu_limit, prepare_prefect
 from mess_ai.errors import MessError
 
-log = logging.getLogger("mess_ai.cli")
+log = logging.getLogger("cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LONG_RUNNING_COMMANDS = ("watch", "serve")
-
-
-def _format_seconds(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
 
 
 class _Progress:
@@ -62,58 +57,16 @@ class _Progress:
             self.bar.close()
 
 
-def _extract_config(args: argparse.Namespace):
-    from mess_ai.audio import WindowSpec
-    from mess_ai.features.model import DEFAULT_MODEL
-    from mess_ai.pipeline import ExtractConfig
+def _settings(args: argparse.Namespace):
+    """The run's ``ExtractConfig`` and ``RunOptions`` from the options given; a bad value is a usage error before
+    any flow starts. ``--gpu-limit`` not given: the default for where the run goes (``default_gpu_limit``)."""
+    from mess_ai.config import ExtractConfig, RunOptions
 
-    args.model = args.model or DEFAULT_MODEL
-    from mess_ai.audio.validation import AudioLimits
-
-    return ExtractConfig(model=args.model, revision=args.revision, device=args.device, precision=args.precision,
-                         batch_size=args.batch_size, keep_raw=args.keep_raw,
-                         window=WindowSpec(args.window_seconds, args.hop_seconds, args.min_duration),
-                         trust_remote_code=args.trust_remote_code,
-                         limits=AudioLimits(args.min_sample_rate, args.max_sample_rate,
-                                            args.max_duration_hours * 3600))
-
-
-def print_summary(summary: Any, out: Any = None) -> None:
-    """The end-of-run report a person reads."""
-    p = lambda *a: print(*a, file=out or sys.stdout)  # noqa: E731
-    rtf = summary.real_time_factor
-    counts = summary.counts
-    p(f"mess-ai: {counts.discovered} audio files found in {summary.audio_dir} -> store {summary.store}, "
-      f"dataset '{summary.dataset}'")
-    for label, count in counts.categories(empty=False):
-        p(f"  {label + ':':<44}{count:>6}")
-    p(f"  {'new or changed (needed work):':<44}{counts.new_or_changed:>6}")
-    if summary.done:
-        p(f"  audio extracted: {_format_seconds(summary.audio_seconds)} in {_format_seconds(summary.wall_seconds)}"
-          + (f" ({rtf:.1f}x real time)" if rtf else ""))
-    elif not summary.model_loaded:
-        p("  nothing new to extract: the model was not loaded")
-    if summary.failures:
-        p("  failed files:")
-        for f in summary.failures:
-            p(f"    {f.relative_path}  [{f.stage}] {f.reason}  (attempts: {f.attempts})")
-    if summary.integrity_problems:
-        p("  store problems:")
-        for problem in summary.integrity_problems:
-            p(f"    {problem}")
-    p(f"  features: {Path(summary.store) / summary.dataset}/{{segments,aggregated}}/<track_id>.npy")
-
-
-def _prepare_prefect(verbose: bool) -> None:
-    """Settings for an in-process Prefect run, before prefect is imported: a start-up time-out long enough for
-    a first start of the ephemeral API (unless PREFECT_API_URL points at a server), no analytics, and Prefect's
-    own log lines only when asked for (-v)."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    # The pipeline's own log lines reach the Prefect UI with the flow's.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mess_ai")
+    config = model_from_options(ExtractConfig, args, "config_")
+    run = model_from_options(RunOptions, args, "run_")
+    if args.run_gpu_limit is None:
+        run = run.model_copy(update={"gpu_limit": default_gpu_limit()})
+    return config, run
 
 
 @contextlib.contextmanager
@@ -145,27 +98,19 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
     from mess_ai import progress as progress_events
     from mess_ai.pipeline import RunSummary
 
-    _extract_config(args)  # bad window/hop values are a usage error before any flow starts
     if not audio_dir.is_dir():
         raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
-    _prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose)
+    config, run = _settings(args)
     from flows.extract import extract_features
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_HideExpectedErrors())
-    gpu_limit = default_gpu_limit() if args.gpu_limit is None else args.gpu_limit
     bar = _Progress()
     try:
         with progress_events.listening(bar), _manifest_url_for_flows(args.manifest_url):
-            result = extract_features(
-                audio_dir=str(audio_dir), store=str(args.store), dataset=args.dataset, model=args.model,
-                revision=args.revision, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                keep_raw=args.keep_raw, window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
-                min_duration_seconds=args.min_duration, files_per_task=args.files_per_task,
-                minutes_per_task=args.minutes_per_task, gpu_limit=gpu_limit, only_failed=only_failed,
-                trust_remote_code=args.trust_remote_code, reextract=args.reextract,
-                min_sample_rate=args.min_sample_rate, max_sample_rate=args.max_sample_rate,
-                max_duration_hours=args.max_duration_hours)
+            result = extract_features(audio_dir=str(audio_dir), store=str(args.store), dataset=args.dataset,
+                                      config=config, run=run, only_failed=only_failed, reextract=args.reextract)
     finally:
         bar.close()
     summary = RunSummary.from_dict(result)
@@ -177,28 +122,10 @@ def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bo
     return summary.exit_code
 
 
-def default_gpu_limit() -> str:
-    """'gpu' when a Prefect server is configured; none on the temporary in-process API, whose lease cleanup does
-    not run: a slot held by a run killed there would block later runs for good (chunks of one process still
-    take turns on the model through a local lock)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return "gpu" if PREFECT_API_URL.value() else ""
-
-
-def prefect_ui_hint() -> str:
-    """Where a person sees the flow run and its artifacts."""
-    if os.environ.get("PREFECT_API_URL"):
-        where = os.environ["PREFECT_API_URL"].removesuffix("/api")
-        return f"  the run and its artifacts: {where}/runs and {where}/artifacts"
-    return ("  the run and its artifacts are in Prefect's local database: start the UI with `make server` "
-            "(or `.venv/bin/prefect server start`) and open http://127.0.0.1:4200/runs and /artifacts")
-
-
 def _analyze_via_flow(store: Path, dataset: str | None, *, labels_csv: Path | None, n_clusters: int | None,
                       baseline: bool, manifest_url: str | None) -> dict:
     """``mess-ai analyze``: the analysis as a run of the ``analyze-embeddings`` flow (artifacts in the UI)."""
-    _prepare_prefect(logging.getLogger().level <= logging.DEBUG)
+    prepare_prefect(logging.getLogger().level <= logging.DEBUG)
     from flows.analyze import analyze_store
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
@@ -218,10 +145,10 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     if audio_dir is None:
         print("no failed files: nothing to retry")
         return EXIT_OK
-    if args.model is None and args.dataset:
+    if args.config_model is None and args.dataset:
         provenance = Path(args.store) / args.dataset / "provenance.json"
         if provenance.exists():
-            args.model = json.loads(provenance.read_text(encoding="utf-8")).get("model")
+            args.config_model = json.loads(provenance.read_text(encoding="utf-8")).get("model")
     return _run_extract_flow(args, audio_dir, only_failed=True)
 
 
@@ -293,7 +220,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from mess_ai.features.model import write_test_model
+    from mess_ai.features.random_checkpoints import write_test_model
 
     path = write_test_model(args.directory, size=args.size, seed=args.seed, weights_format=args.format)
     print(f"wrote a MERT-v1-format checkpoint with RANDOM weights ({args.size}) to {path}")
@@ -302,9 +229,9 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mess_ai.demo import run_demo
+    from cli.demo import run_demo
 
-    _prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose)
     with _manifest_url_for_flows(None):  # the demo's own store, never a shared manifest from the environment
         return run_demo(Path(args.workdir))
 
@@ -318,45 +245,23 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
-    from mess_ai.features.model import DEFAULT_MODEL
+    from mess_ai.config import ExtractConfig, RunOptions
 
-    p.add_argument("--model", default=None,
-                   help=f"hub id or local directory (default {DEFAULT_MODEL}; retry-failed: the dataset's model)")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: the dataset's own precision once it has features, else bf16 autocast on CUDA "
-                        "and fp32 elsewhere")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default by device)")
-    p.add_argument("--keep-raw", action="store_true",
-                   help="also store raw frame-level hidden states (float16, about 10 GB per audio hour)")
-    p.add_argument("--window-seconds", type=float, default=5.0)
-    p.add_argument("--hop-seconds", type=float, default=2.5)
-    p.add_argument("--min-duration", type=float, default=1.0, help="shorter files are recorded as failed")
-    p.add_argument("--files-per-task", type=int, default=16, help="files per Prefect extraction task")
-    p.add_argument("--minutes-per-task", type=float, default=60.0,
-                   help="audio per extraction task, in minutes (a longer file is a task of its own); the memory "
-                        "of decoded audio is about two tasks' worth (default 60: ~0.7 GB)")
+    add_model_options(p.add_argument_group("extraction (what makes the numbers)"), ExtractConfig, "config_",
+                      help_overrides={"model": "Hub id or local directory (default: m-a-p/MERT-v1-95M; retry-failed: "
+                                               "the dataset's model)"})
+    add_model_options(p.add_argument_group("the run"), RunOptions, "run_",
+                      help_overrides={"gpu_limit": "Prefect global concurrency limit held during model work ('' "
+                                                   "for none; not given: 'gpu' with a Prefect server, none on "
+                                                   "the temporary API)"})
     p.add_argument("--reextract", action="store_true",
                    help="the dataset holds features of another config (model weights, window, hop, precision): "
                         "replace them (refused without this; to keep both, name another --dataset)")
-    p.add_argument("--min-sample-rate", type=int, default=4000,
-                   help="files whose header gives a lower sampling rate fail before decoding (default 4000 Hz)")
-    p.add_argument("--max-sample-rate", type=int, default=384_000,
-                   help="files whose header gives a higher sampling rate fail before decoding (default 384000)")
-    p.add_argument("--max-duration-hours", type=float, default=6.0,
-                   help="longer files fail, from the header and while decoding; bounds one file's memory "
-                        "(about 350 MB per hour; default 6)")
-    p.add_argument("--gpu-limit", default=None,
-                   help="Prefect global concurrency limit held during model work ('' for none; default 'gpu' "
-                        "with a Prefect server, none on the temporary API)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a non-MERT hub model to run its own code (off by default)")
 
 
 def _register_deployment_commands(sub: argparse._SubParsersAction) -> None:
     """`serve` and `watch` start things (deployments/)."""
-    from deployments.watch import register as register_watch
+    from cli.watch import register as register_watch
 
     register_watch(sub)
     p = sub.add_parser("serve", help="serve every deployment of prefect.yaml (schedules included) from this "
@@ -366,7 +271,7 @@ def _register_deployment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _prepare_prefect(verbose=True)  # served runs send their INFO lines to the UI
+    prepare_prefect(verbose=True)  # served runs send their INFO lines to the UI
     from deployments.serve import serve_all
 
     serve_all(args.names)

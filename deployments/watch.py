@@ -1,4 +1,4 @@
-"""``mess-ai watch DIR``: one ``extract-features`` run for each burst of new recordings, once they are complete.
+"""The folder watcher: one ``extract-features`` run for each burst of new recordings, once they are complete.
 
 By default each batch starts a flow run of a deployment on the Prefect server (``PREFECT_API_URL``), which a worker
 picks up; ``--local`` runs the flow in this process instead (no server or worker needed). Either way the run covers
@@ -8,19 +8,19 @@ run, or by the nightly one.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from deployments.runtime import DEFAULT_WATCH_DEPLOYMENT
 from mess_ai.errors import MessError
 from mess_ai.watcher import watch_folder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEPLOYMENT = "extract-features/on-new-audio"
+DEFAULT_DEPLOYMENT = DEFAULT_WATCH_DEPLOYMENT
 _NAMES_SHOWN = 3
 
 
@@ -30,8 +30,9 @@ def watch(audio_dir: str | Path, *, deployment: str = DEFAULT_DEPLOYMENT, store:
           stop_event: threading.Event | None = None) -> None:
     """Watch ``audio_dir`` until ``stop_event`` is set (or Ctrl-C) and start one extraction per batch.
 
-    ``store`` and ``parameters`` (other ``extract_features`` parameters: ``dataset``, ``model``, ``device``, ...)
-    override the deployment's defaults; with ``local`` the flow runs here and ``store`` is required. Raises
+    ``store`` and ``parameters`` (other ``extract_features`` parameters such as ``dataset``, and fields of its
+    ``config``: ``model``, ``device``, ...) override the deployment's defaults, field by field; with ``local``
+    the flow runs here and ``store`` is required. Raises
     ``MessError`` when the deployment cannot be found on the server, before watching starts. A batch whose run
     cannot be started or fails is logged and the watch goes on. ``rescan_seconds``: also look at the whole folder
     this often (network shares may send no change events).
@@ -109,12 +110,30 @@ def _check_deployment(deployment: str) -> None:
         raise MessError(f"cannot reach the Prefect server at {api}: {exc}") from exc
 
 
+def _nested(parameters: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flow parameters from flat ones: fields of ``ExtractConfig`` and ``RunOptions`` go into ``config`` and
+    ``run``, on top of those the deployment sets (``defaults``: Prefect replaces a parameter whole, so a ``config``
+    naming only the device would drop the deployment's model)."""
+    from mess_ai.config import ExtractConfig, RunOptions
+
+    nested = {k: v for k, v in parameters.items()
+              if k not in ExtractConfig.model_fields and k not in RunOptions.model_fields}
+    for name, model in (("config", ExtractConfig), ("run", RunOptions)):
+        fields = {k: v for k, v in parameters.items() if k in model.model_fields}
+        if fields:
+            nested[name] = {**((defaults or {}).get(name) or {}), **fields}
+    return nested
+
+
 def _start_deployment_run(deployment: str, parameters: dict[str, Any], what: str) -> None:
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_UI_URL
 
+    with get_client(sync_client=True) as client:
+        defaults = client.read_deployment_by_name(deployment).parameters
     # timeout=0: return once the run is created; a worker runs it, and the watch goes on meanwhile.
-    flow_run = run_deployment(name=deployment, parameters=parameters, timeout=0)
+    flow_run = run_deployment(name=deployment, parameters=_nested(parameters, defaults), timeout=0)
     ui = PREFECT_UI_URL.value()
     log.info("%s; started run '%s' of %s%s", what, flow_run.name, deployment,
              f" ({ui}/runs/flow-run/{flow_run.id})" if ui else "")
@@ -122,47 +141,9 @@ def _start_deployment_run(deployment: str, parameters: dict[str, Any], what: str
 
 def _extract_here(parameters: dict[str, Any], what: str) -> None:
     from flows.extract import extract_features
-    from mess_ai.cli import default_gpu_limit
+    from deployments.runtime import default_gpu_limit
     from mess_ai.pipeline import RunSummary
 
     log.info("%s; extracting in this process", what)
-    result = extract_features(**{"gpu_limit": default_gpu_limit(), **parameters})
+    result = extract_features(**_nested({"gpu_limit": default_gpu_limit(), **parameters}))
     log.info("Extraction finished: %s.", RunSummary.from_dict(result).counts.describe())
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    from mess_ai.cli import _prepare_prefect
-
-    _prepare_prefect(args.verbose)
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
-    parameters = {name: getattr(args, name) for name in ("dataset", "model", "device")
-                  if getattr(args, name) is not None}
-    try:
-        watch(args.audio_dir, deployment=args.deployment, store=args.store, local=args.local, parameters=parameters,
-              stable_seconds=args.stable_seconds, debounce_seconds=args.debounce_seconds,
-              rescan_seconds=args.rescan_seconds)
-    except KeyboardInterrupt:
-        log.info("Stopped watching %s.", args.audio_dir)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``watch`` to the ``mess-ai`` subcommands."""
-    p = subparsers.add_parser("watch", help="watch a folder and extract each burst of new recordings once complete")
-    p.add_argument("audio_dir", type=Path, help="folder people drop recordings into (watched recursively)")
-    p.add_argument("--store", type=Path, default=None,
-                   help="feature store folder (default: the deployment's; required with --local)")
-    p.add_argument("--dataset", default=None, help="dataset inside the store (default: the folder name)")
-    p.add_argument("--model", default=None, help="hub id or local directory (default: the deployment's)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the deployment's)")
-    p.add_argument("--deployment", default=DEFAULT_DEPLOYMENT,
-                   help=f"deployment whose runs do the work (default {DEFAULT_DEPLOYMENT})")
-    p.add_argument("--local", action="store_true",
-                   help="extract in this process instead of starting deployment runs (no server or worker needed)")
-    p.add_argument("--stable-seconds", type=float, default=5.0,
-                   help="a file is complete once its size and mtime have not changed this long (default 5)")
-    p.add_argument("--rescan-seconds", type=float, default=None,
-                   help="also rescan the whole folder this often (for network shares without change events)")
-    p.add_argument("--debounce-seconds", type=float, default=2.0,
-                   help="wait this long after the last new file before starting a run (default 2)")
-    p.set_defaults(func=cmd_watch)

@@ -24,8 +24,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from mess_ai.demo import write_demo_audio  # noqa: E402
-from mess_ai.features.model import write_test_model  # noqa: E402
+from cli.demo import write_demo_audio  # noqa: E402
+from mess_ai.features.random_checkpoints import write_test_model  # noqa: E402
 from tests.helpers.audio import write_audio  # noqa: E402
 from tests.helpers.prefect_server import PREFECT, prefect_server, start, stop  # noqa: E402
 

@@ -11,12 +11,11 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
-from mess_ai.audio import WindowSpec
-from mess_ai.audio.validation import AudioLimits
+from mess_ai.config import ExtractConfig, RunOptions
 from mess_ai.deadline import Deadline, StageTimeout, TimeLimits
-from mess_ai.features.model import DEFAULT_MODEL, resolve_device
+from mess_ai.features.device import resolve_device
 from mess_ai.monitoring import ResourceMonitor
-from mess_ai.pipeline import ExtractConfig, ExtractionSession, chunk_sources
+from mess_ai.pipeline import ExtractionSession, chunk_sources
 from tasks.extraction import (
     GpuSlot,
     TransientFileErrors,
@@ -36,103 +35,50 @@ def extract_features(
     audio_dir: str,
     store: str,
     dataset: str | None = None,
-    model: str = DEFAULT_MODEL,
-    revision: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int | None = None,
-    keep_raw: bool = False,
-    window_seconds: float = 5.0,
-    hop_seconds: float = 2.5,
-    min_duration_seconds: float = 1.0,
-    files_per_task: int = 16,
-    minutes_per_task: float | None = 60.0,
-    gpu_limit: str = "gpu",
-    gpu_slots: int = 1,
+    config: ExtractConfig = ExtractConfig(),
+    run: RunOptions = RunOptions(),
     only_failed: bool = False,
     files: list[str] | None = None,
+    reextract: bool = False,
     run_analysis: bool = False,
-    retries: int = 3,
-    retry_delay_seconds: float = 10.0,
     manifest_url: str | None = None,
     manifest_secret: str | None = None,
-    trust_remote_code: bool = False,
-    time_limit_base_seconds: float = 600.0,
-    time_limit_per_audio_second: float = 2.0,
-    chunk_time_limit_seconds: float | None = None,
-    run_time_limit_hours: float | None = None,
-    reextract: bool = False,
-    min_sample_rate: int = 4000,
-    max_sample_rate: int = 384_000,
-    max_duration_hours: float = 6.0,
 ) -> dict[str, Any]:
     """Extract MERT-v1 embeddings for every new or changed recording under a folder.
 
     Args:
         audio_dir: Folder of recordings, searched recursively (wav, flac, ogg, mp3, aif, aiff).
         store: Feature store folder; features go to <store>/<dataset>/{segments,aggregated,raw}.
-        dataset: Dataset name inside the store; default: the audio folder's name.
-        model: Hugging Face hub id or local directory of the model.
-        revision: Hub revision (branch, tag or commit) to pin; empty for the default branch.
-        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
-        precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.
-        batch_size: Windows per forward pass; empty for the device's default (cuda 32, cpu 4).
-        keep_raw: Also store frame-level hidden states (float16, about 10 GB per audio hour).
-        window_seconds: Window length in seconds.
-        hop_seconds: Hop between window starts in seconds.
-        min_duration_seconds: Shorter files are recorded as failed.
-        files_per_task: At most this many files per extraction task (a chunk); the files are spread evenly over
-            the chunks, at least two of them for two files or more.
-        minutes_per_task: Also cap a chunk at about this much audio (a longer file makes a chunk of its own): the
-            flow's memory holds two chunks of decoded audio, about 5.8 MB per audio minute at 24 kHz; empty for
-            no cap (memory then grows with files_per_task times the files' lengths).
-        gpu_limit: Name of the Prefect global concurrency limit the run holds for its model work (from its first
-            chunk to its last); empty for none. "{host}" in it is replaced by this machine's host name (one limit
-            per GPU host: "gpu:{host}").
-        gpu_slots: Slots of that limit, used when the flow has to create it.
+        dataset: Dataset name inside the store; default: the audio folder's name. A dataset holds one folder's
+            recordings, extracted with one config.
+        config: How features are extracted (the model, the windows, the precision, the limits on input files);
+            each field is described in the form.
+        run: How the run goes (chunks of work, the GPU concurrency slot, retries, time limits).
         only_failed: Re-run only the files whose last attempt failed.
         files: Only these files (paths relative to audio_dir); empty for all. Used by the shards of a scaled-out run.
+        reextract: The dataset holds features of another config (model weights, window, hop, precision) than
+            this run's: replace them (its tracks are redone as the run reaches them). Without it such a run is
+            refused; to keep both, name another dataset instead.
         run_analysis: Run the embedding analysis on the dataset afterwards.
-        retries: Retries of a chunk whose files failed for transient reasons (I/O, GPU memory).
-        retry_delay_seconds: First retry delay; it doubles each retry, with jitter.
         manifest_url: SQLAlchemy URL of the manifest, without a password (one is refused: parameters are stored
             and shown by Prefect); empty for the secret below, else the worker's MESS_AI_MANIFEST_URL, else the
             SQLite file in the store.
         manifest_secret: Name of a Prefect Secret block holding the manifest URL (a URL with a password goes
             there or in the worker's MESS_AI_MANIFEST_URL); empty for none.
-        trust_remote_code: Let a non-MERT hub model run its own code.
-        time_limit_base_seconds: Time limits: every stage (listing, planning, validating, each chunk, the final
-            check) may take this long, plus 1 s per file; a chunk also 2 s (the next setting) per second of audio.
-            A stage past its limit stops the run (Failed, with what it was stuck on); a file it was stuck on is
-            recorded as failed.
-        time_limit_per_audio_second: A chunk's time limit per second of audio in it (headers' durations).
-        chunk_time_limit_seconds: A fixed time limit per chunk instead of the derived one; empty: derived.
-        run_time_limit_hours: The whole run's time limit; empty: its stages' limits added up.
-        reextract: The dataset holds features of another config (model weights, window, hop, precision) than
-            this run's: replace them (its tracks are redone as the run reaches them). Without it such a run is
-            refused; to keep both, name another dataset instead.
-        min_sample_rate: Files whose header gives a lower sampling rate are failed (permanently) before decoding.
-        max_sample_rate: Files whose header gives a higher sampling rate are failed before decoding.
-        max_duration_hours: Longer files are failed, from the header before decoding and while decoding (a header
-            that lies): this bounds the memory one file can take (about 350 MB per hour at 24 kHz).
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    gpu_limit = gpu_limit.replace("{host}", socket.gethostname()) if gpu_limit else gpu_limit
-    config = ExtractConfig(model=model, revision=revision, device=device, precision=precision,
-                           batch_size=batch_size, keep_raw=keep_raw,
-                           window=WindowSpec(window_seconds, hop_seconds, min_duration_seconds),
-                           trust_remote_code=trust_remote_code,
-                           limits=AudioLimits(min_sample_rate, max_sample_rate, max_duration_hours * 3600))
+    gpu_limit = run.gpu_limit.replace("{host}", socket.gethostname()) if run.gpu_limit else run.gpu_limit
     url = manifest_url_of_run(manifest_url, manifest_secret)
-    monitor = ResourceMonitor(resolve_device(device))
+    monitor = ResourceMonitor(resolve_device(config.device))
     session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
                                 manifest_url=url, monitor=monitor, reextract=reextract)
-    limits = TimeLimits(base_seconds=time_limit_base_seconds, seconds_per_audio_second=time_limit_per_audio_second,
-                        chunk_seconds=chunk_time_limit_seconds,
-                        run_seconds=run_time_limit_hours * 3600 if run_time_limit_hours else None)
+    limits = TimeLimits(base_seconds=run.time_limit_base_seconds,
+                        seconds_per_audio_second=run.time_limit_per_audio_second,
+                        chunk_seconds=run.chunk_time_limit_seconds,
+                        run_seconds=run.run_time_limit_hours * 3600 if run.run_time_limit_hours else None)
     chunk_task = process_chunk.with_options(
-        retries=retries, retry_delay_seconds=[retry_delay_seconds * 2 ** i for i in range(retries)])
+        retries=run.retries, retry_delay_seconds=[run.retry_delay_seconds * 2 ** i for i in range(run.retries)])
     stopped: BaseException | None = None
     problems: list[str] = []
     try:
@@ -141,11 +87,11 @@ def extract_features(
             valid = _validate(session, pending, limits) if pending else []
             if valid:
                 if gpu_limit:
-                    ensure_concurrency_limit(gpu_limit, gpu_slots)
+                    ensure_concurrency_limit(gpu_limit, run.gpu_slots)
                 suspects, others = session.isolate(valid)
                 chunks = [[suspect] for suspect in suspects] + (chunk_sources(
-                    others, balanced_files_per_chunk(len(others), files_per_task),
-                    minutes_per_task * 60 if minutes_per_task else None, session.durations) if others else [])
+                    others, balanced_files_per_chunk(len(others), run.files_per_task),
+                    run.minutes_per_task * 60 if run.minutes_per_task else None, session.durations) if others else [])
                 chunk_limits = [limits.chunk(sum(session.durations.get(s.track_id, 0.0) for s in chunk), len(chunk))
                                 for chunk in chunks]
                 run_limit = limits.run(chunk_limits, session.discovered)

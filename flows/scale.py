@@ -17,8 +17,8 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from mess_ai.deadline import Deadline, StageTimeout, TimeLimits
-from mess_ai.features.model import DEFAULT_MODEL
-from mess_ai.pipeline import ExtractConfig, ExtractionSession
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import ExtractionSession
 from mess_ai.store import DONE, FAILED
 from mess_ai.store.manifest import path_text
 from tasks.manifest import manifest_url_of_run
@@ -42,7 +42,7 @@ def extract_sharded(
     audio_dir: str,
     store: str,
     dataset: str | None = None,
-    model: str = DEFAULT_MODEL,
+    config: ExtractConfig = ExtractConfig(),
     shards: int = 2,
     deployment: str = "extract-features/shard",
     manifest_url: str | None = None,
@@ -56,7 +56,8 @@ def extract_sharded(
         audio_dir: Folder of recordings, visible at the same path to every worker.
         store: Feature store folder, visible at the same path to every worker.
         dataset: Dataset name inside the store; default: the audio folder's name.
-        model: Hub id or local directory of the model (the same on every worker).
+        config: How features are extracted (the model must be at the same path on every worker); the shards
+            plan and extract with this one config, so their content keys agree with the plan's.
         shards: Number of child runs; one or two per GPU worker is a good start.
         deployment: The deployment that extracts one shard.
         manifest_url: SQLAlchemy URL of the shared manifest, without a password (one is refused: parameters are
@@ -71,7 +72,7 @@ def extract_sharded(
     logger = get_run_logger()
     dataset = dataset or Path(audio_dir).absolute().name
     url = manifest_url_of_run(manifest_url, manifest_secret)
-    session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=url)
+    session = ExtractionSession(store, dataset, config, manifest_url=url)
     try:
         pending = session.plan(session.discover(audio_dir))
     finally:
@@ -80,11 +81,11 @@ def extract_sharded(
     parts = split_into_shards(list(sizes), sizes, shards)
     logger.info("%d new or changed files in %d shards.", len(pending), len(parts))
     runs = [run_deployment(deployment, timeout=0, parameters={
-        "audio_dir": audio_dir, "store": store, "dataset": dataset, "model": model, "files": part,
+        "audio_dir": audio_dir, "store": store, "dataset": dataset, "config": config.model_dump(), "files": part,
         "manifest_url": manifest_url, "manifest_secret": manifest_secret}) for part in parts]
     limit = run_time_limit_hours * 3600 if run_time_limit_hours else _shards_limit(sum(sizes.values()), len(sizes))
     states = _wait(runs, poll_seconds, Deadline(limit))
-    session = ExtractionSession(store, dataset, ExtractConfig(model=model), manifest_url=url)
+    session = ExtractionSession(store, dataset, config, manifest_url=url)
     try:
         rows = {r["relative_path"]: r["status"] for r in session.store.manifest.rows(dataset)}
     finally:

@@ -187,7 +187,7 @@ class GpuSlot:
         with self._guard:
             if self._holder is None or (self._holder.settled.is_set() and not self._holder.held):
                 if self._holder is not None and self._holder.error is not None:
-                    get_run_logger().warning("Lost the '%s' concurrency slot (%s); taking it again.", self.name,
+                    _logger().warning("Lost the '%s' concurrency slot (%s); taking it again.", self.name,
                                              self._holder.error)
                 self._holder = _SlotHolder(self.name, self._context.copy())
                 self._holder.start()
@@ -218,9 +218,11 @@ def discover_files(session: ExtractionSession, audio_dir: str, only_failed: bool
     """Find audio files and keep the new or changed ones (or, with ``only_failed``, the failed ones); with
     ``files``, only those (paths relative to ``audio_dir``). Listing and planning each end within their limit."""
     logger = get_run_logger()
-    session.activity.set(f"listing {audio_dir}")
-    sources = run_within(lambda: session.discover(audio_dir), limits.stage(0), "listing the audio folder",
-                         session.activity)
+    def listing() -> list[AudioSource]:
+        session.activity.set(f"listing {audio_dir}")  # in the thread run_within watches
+        return session.discover(audio_dir)
+
+    sources = run_within(listing, limits.stage(0), "listing the audio folder", session.activity)
     pending = run_within(lambda: session.plan(sources, only_failed, files), limits.stage(len(sources)),
                          "planning (which files are new or changed)", session.activity)
     logger.info("Found %d audio files in %s: %d to extract (%s).", len(sources), audio_dir, len(pending),

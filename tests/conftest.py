@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A MERT-v1-format checkpoint with random weights (hidden 32, 2 layers: 3 hidden states)."""
-    from mess_ai.features.model import write_test_model
+    from mess_ai.features.random_checkpoints import write_test_model
 
     return str(write_test_model(tmp_path_factory.mktemp("tiny-mert"), size="tiny", seed=0))
 

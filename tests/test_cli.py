@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mess_ai.cli import main
+from cli.main import main
 from mess_ai.store import FeatureStore
 from mess_ai.store.atomic import atomic_save_npy
 from tests.helpers.audio import write_audio, write_not_audio
@@ -53,7 +53,7 @@ def test_usage_and_configuration_errors_exit_2(tmp_path, tiny_model, capsys, pre
                  "--hop-seconds", "9"]) == 2
     assert "hop" in capsys.readouterr().err
     # As a user sees it, in a process of its own: one clear message, no traceback.
-    proc = subprocess.run([sys.executable, "-m", "mess_ai.cli", "extract", str(tmp_path / "audio"), "--store",
+    proc = subprocess.run([sys.executable, "-m", "cli", "extract", str(tmp_path / "audio"), "--store",
                            str(tmp_path / "store"), "--model", str(tmp_path / "no-model")],
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PREFECT_API_URL=prefect_api))

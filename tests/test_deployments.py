@@ -26,7 +26,10 @@ def test_templates_resolve_from_the_environment():
     assert specs["nightly"]["schedules"][0] == {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "active": True}
     assert specs["retry-failed"]["parameters"]["only_failed"] is True
     assert specs["retry-failed"]["parameters"]["store"] == "/data/store"
-    assert specs["shard"]["parameters"]["gpu_limit"] == "gpu:{host}"
+    assert specs["shard"]["parameters"]["run"] == {"files_per_task": 16, "gpu_limit": "gpu:{host}"}
+    assert specs["nightly"]["parameters"]["run"] == {"files_per_task": 16, "gpu_limit": "gpu"}
+    assert specs["nightly"]["parameters"]["config"] == {"model": "m-a-p/MERT-v1-95M", "device": "auto"}
+    assert specs["sharded"]["parameters"]["config"] == specs["nightly"]["parameters"]["config"]
     assert "schedules" not in specs["manual"]
     with pytest.raises(KeyError, match="MESS_AI_STORE"):
         resolve_templates("{{ $MESS_AI_STORE }}", {})
@@ -39,6 +42,12 @@ def test_serve_builds_every_deployment():
     assert deployments["on-new-audio"].concurrency_limit == 1
     assert deployments["manual"].parameters["store"] == "/data/store"
     assert not deployments["manual"].schedules
+    # The UI's run form: the settings objects with each field's description.
+    schema = deployments["manual"]._parameter_openapi_schema.model_dump()
+    config = schema["definitions"]["ExtractConfig"]["properties"]
+    assert "window" in config["window_seconds"]["description"].lower()
+    assert config["precision"]["enum"] == ["auto", "fp32", "bf16"]
+    assert "retries" in schema["definitions"]["RunOptions"]["properties"]
 
 
 def test_shards_balance_bytes():

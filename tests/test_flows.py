@@ -12,10 +12,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
-import mess_ai.pipeline
+import mess_ai.extraction.steps
 from flows.extract import balanced_files_per_chunk, extract_features
 from mess_ai.audio import discover_audio
-from mess_ai.cli import print_summary
+from mess_ai.config import split_settings
+from cli.report import print_summary
 from mess_ai.pipeline import RunSummary
 from mess_ai.reporting import artifact_key
 from mess_ai.store import FeatureStore
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 def run_flow(audio, store, model, **kwargs):
     kwargs.setdefault("retry_delay_seconds", 0)
-    return extract_features(audio_dir=str(audio), store=str(store), model=model, device="cpu", **kwargs)
+    config, run, rest = split_settings(model=model, device="cpu", **kwargs)
+    return extract_features(audio_dir=str(audio), store=str(store), config=config, run=run, **rest)
 
 
 def latest_artifact(key):
@@ -147,7 +149,7 @@ def test_transient_failure_is_retried_and_succeeds(tmp_path, tiny_model, monkeyp
     write_audio(audio / "flaky.wav", seconds=3.0)
     write_audio(audio / "steady.wav", seconds=3.0, frequency=300)
     write_audio(audio / "short.wav", seconds=0.3)
-    real_load = mess_ai.pipeline.load_mono
+    real_load = mess_ai.extraction.steps.load_mono
     calls = {"flaky.wav": 0}
 
     def flaky_load(opened, rate, **kwargs):  # fault injection: the first read of flaky.wav hits an I/O error
@@ -157,7 +159,7 @@ def test_transient_failure_is_retried_and_succeeds(tmp_path, tiny_model, monkeyp
                 raise OSError(5, "Input/output error (injected)")
         return real_load(opened, rate, **kwargs)
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", flaky_load)
+    monkeypatch.setattr(mess_ai.extraction.steps, "load_mono", flaky_load)
     result = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=8)
     assert calls["flaky.wav"] == 2
     fs = FeatureStore(tmp_path / "store", "audio")
@@ -173,14 +175,14 @@ def test_persistent_transient_failure_recorded_after_last_attempt(tmp_path, tiny
     audio = tmp_path / "audio"
     write_audio(audio / "broken_disk.wav", seconds=3.0)
     write_audio(audio / "fine.wav", seconds=3.0, frequency=300)
-    real_load = mess_ai.pipeline.load_mono
+    real_load = mess_ai.extraction.steps.load_mono
 
     def failing_load(opened, rate, **kwargs):
         if opened.path.name == "broken_disk.wav":
             raise OSError(5, "Input/output error (injected)")
         return real_load(opened, rate, **kwargs)
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", failing_load)
+    monkeypatch.setattr(mess_ai.extraction.steps, "load_mono", failing_load)
     state = run_flow(audio, tmp_path / "store", tiny_model, retries=2, return_state=True)
     assert state.is_completed()
     fs = FeatureStore(tmp_path / "store", "audio")
@@ -271,7 +273,7 @@ def test_only_failed_reruns_exactly_the_failed_files(tmp_path, tiny_model):
 
 def test_analysis_flow_publishes_metrics_and_plots(tmp_path, tiny_model):
     from flows.analyze import analyze_store
-    from mess_ai.demo import write_demo_audio
+    from cli.demo import write_demo_audio
 
     write_demo_audio(tmp_path / "audio")
     run_flow(tmp_path / "audio", tmp_path / "store", tiny_model, dataset="demo-analysis")

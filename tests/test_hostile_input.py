@@ -20,9 +20,9 @@ import pytest
 from mess_ai.audio import discover_audio
 from mess_ai.analysis.loading import read_tracks
 from mess_ai.errors import DatasetMismatchError, StoreError
+from mess_ai.config import ExtractConfig
 from mess_ai.pipeline import (
     UNFINISHED_BEFORE_GIVING_UP,
-    ExtractConfig,
     ExtractionSession,
     chunk_sources,
     run_extraction,
@@ -86,7 +86,7 @@ def test_a_dataset_of_an_earlier_version_is_recorded_from_its_rows(tmp_path, tin
 
 
 def test_the_cli_refuses_another_folder_with_exit_2(tmp_path, tiny_model, capsys, prefect_api):
-    from mess_ai.cli import main
+    from cli.main import main
 
     for year in ("2023", "2024"):
         write_audio(tmp_path / year / "audio" / "track01.wav", seconds=2.0)
@@ -162,7 +162,7 @@ def test_a_worker_that_cannot_run_the_datasets_precision_refuses(tmp_path, tiny_
     import torch
 
     from mess_ai.errors import ModelError
-    from mess_ai.features.model import get_model
+    from mess_ai.features.loading import get_model
 
     audio, store = tmp_path / "audio", tmp_path / "store"
     write_audio(audio / "a.wav", seconds=3.0)
@@ -180,7 +180,7 @@ def test_a_worker_that_cannot_run_the_datasets_precision_refuses(tmp_path, tiny_
 # --- OS errors are transient; good features are never removed by a failed attempt ---------------------------
 def test_a_read_denied_for_a_moment_is_retried_and_keeps_the_features(tmp_path, tiny_model, monkeypatch):
     """EACCES injected at the open (these tests run as root, where chmod does not bite)."""
-    import mess_ai.pipeline as pipeline
+    import mess_ai.extraction.steps as steps
 
     audio, store = tmp_path / "audio", tmp_path / "store"
     path = write_audio(audio / "song.wav", seconds=4.0)
@@ -188,14 +188,14 @@ def test_a_read_denied_for_a_moment_is_retried_and_keeps_the_features(tmp_path, 
     before = features_digests(store, "audio")
     write_audio(path, seconds=4.0, frequency=880)  # new bytes: the next run must read them
 
-    real_open = pipeline.open_audio
+    real_open = steps.open_audio
 
     def denied(p, *args, **kwargs):
         if Path(p).name == "song.wav":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
         return real_open(p, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "open_audio", denied)
+    monkeypatch.setattr(steps, "open_audio", denied)
     failed = run_extraction(audio, store, config=config(tiny_model))
     outcome = failed.outcomes[0]
     assert outcome.status == "failed" and outcome.permanent is False
@@ -203,7 +203,7 @@ def test_a_read_denied_for_a_moment_is_retried_and_keeps_the_features(tmp_path, 
     assert features_digests(store, "audio") == before
     assert check_store(store).ok  # the kept features are not orphans
 
-    monkeypatch.setattr(pipeline, "open_audio", real_open)
+    monkeypatch.setattr(steps, "open_audio", real_open)
     again = run_extraction(audio, store, config=config(tiny_model))
     assert again.done == 1 and features_digests(store, "audio") != before
 
@@ -327,8 +327,8 @@ def test_a_file_the_process_dies_on_is_given_up_and_spares_its_neighbours(tmp_pa
     assert f"ended {UNFINISHED_BEFORE_GIVING_UP} times" in poison["reason"]
     assert all(outcomes[f"b_good{i}.wav"]["status"] == "done" for i in range(3))
     # Failed for good: the next run does not try it again (its bytes did not change).
-    later = extract_process.run(audio, store, tiny_model, timeout=180)
-    assert {o["relative_path"]: o["status"] for o in later["outcomes"]}["a_poison.wav"] == "previously_failed"
+    later = run_extraction(audio, store, config=config(tiny_model))
+    assert {o.relative_path: o.status for o in later.outcomes}["a_poison.wav"] == "previously_failed"
 
 
 def test_a_run_stopped_in_order_does_not_count_as_a_death(tmp_path, tiny_model):
@@ -358,7 +358,7 @@ def test_chunks_are_bounded_by_audio_seconds_not_file_count(tmp_path):
 
     from flows.extract import extract_features
 
-    minutes = inspect.signature(extract_features.fn).parameters["minutes_per_task"].default
+    minutes = inspect.signature(extract_features.fn).parameters["run"].default.minutes_per_task
     assert minutes == 60.0
     long_files = [type("S", (), {"track_id": f"l{i}"})() for i in range(32)]
     chunks = chunk_sources(long_files, 16, minutes * 60, {f"l{i}": 3 * 3600.0 for i in range(32)})

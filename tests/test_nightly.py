@@ -68,8 +68,12 @@ def test_scheduled_nights_fire_survive_a_dead_worker_and_tell_someone(tmp_path, 
                 assert (schedule.cron, schedule.timezone) == (f"* * * * * */{NIGHT_SECONDS}", "Europe/Berlin")
                 manual = client.read_deployment_by_name("extract-features/manual")
                 assert not manual.schedules
-                described = manual.parameter_openapi_schema["properties"]
-                assert all(described[name].get("description") for name in ("audio_dir", "store", "gpu_limit"))
+                schema = manual.parameter_openapi_schema
+                described = schema["properties"]
+                assert all(described[name].get("description") for name in ("audio_dir", "store", "config", "run"))
+                # The run form shows each setting with its description (the settings objects' fields).
+                assert schema["definitions"]["RunOptions"]["properties"]["gpu_limit"]["description"]
+                assert schema["definitions"]["ExtractConfig"]["properties"]["model"]["description"]
 
                 def nights():
                     return client.read_flow_runs(

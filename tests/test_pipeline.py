@@ -13,8 +13,9 @@ import torch
 
 from mess_ai.audio import WindowSpec, discover_audio, window_bounds
 from mess_ai.errors import ModelUnavailableError
-from mess_ai.features.model import get_model, load_model
-from mess_ai.pipeline import ExtractConfig, ExtractionSession, FileCounts, run_extraction, run_extraction_async
+from mess_ai.features.loading import get_model, load_model
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import ExtractionSession, FileCounts, run_extraction, run_extraction_async
 from mess_ai.store import DONE, FAILED, FeatureStore, check_store, load_npy
 from tests.helpers.audio import (
     tone,
@@ -329,7 +330,7 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, tiny_model):
 @pytest.fixture(scope="module")
 def base_size_model(tmp_path_factory):
     """A random-weight checkpoint of MERT-v1-95M's size (12 layers x 768): ~380 MB, written once per module."""
-    from mess_ai.features.model import write_test_model
+    from mess_ai.features.random_checkpoints import write_test_model
 
     return write_test_model(tmp_path_factory.mktemp("mert-base"), size="base", seed=0)
 

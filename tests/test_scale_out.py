@@ -242,7 +242,7 @@ def test_sharded_run_on_two_workers_extracts_each_file_once(tmp_path, tiny_model
 
     # The GPU limit. The shards asked for "gpu:{host}"; the limit that exists is this host's, with one slot, free
     # again; Prefect's events show that every shard acquired it, and model work happens only inside it.
-    assert {c.parameters["gpu_limit"] for c in children} == {"gpu:{host}"}
+    assert {c.parameters["run"]["gpu_limit"] for c in children} == {"gpu:{host}"}
     assert [n for n in limits if n.startswith("gpu")] == [host_limit]
     assert (limits[host_limit].limit, limits[host_limit].active_slots) == (1, 0)
     acquired_by = set().union(*(_flow_runs(e) for e in acquired if e.resource.name == host_limit))

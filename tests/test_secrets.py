@@ -25,10 +25,10 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
-from flows.extract import extract_features
-from mess_ai.cli import main
+from cli.main import main
 from mess_ai.store.manifest import MANIFEST_URL_ENV, resolve_manifest_url
 from tests.helpers.audio import write_audio
+from tests.helpers.flows import extract_flow
 
 USER, PASSWORD = "someuser", "S3cretPassw0rd"
 SECRET_BLOCK = "mess-ai-test-manifest"
@@ -53,8 +53,8 @@ def manifest_url(path: Path, password: str = PASSWORD) -> str:
 
 
 def run_flow(audio, store, model, **kwargs):
-    return extract_features(audio_dir=str(audio), store=str(store), model=model, device="cpu",
-                            retry_delay_seconds=0, return_state=True, **kwargs)
+    return extract_flow(audio_dir=str(audio), store=str(store), model=model, device="cpu",
+                       retry_delay_seconds=0, return_state=True, **kwargs)
 
 
 def manifest_rows(path: Path) -> set[tuple[str, str, str]]:

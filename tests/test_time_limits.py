@@ -13,6 +13,7 @@ import pytest
 from mess_ai.deadline import Activity, Deadline, StageTimeout, TimeLimits, run_within
 from mess_ai.store import FeatureStore
 from tests.helpers.audio import write_audio
+from tests.helpers.flows import extract_flow
 
 
 def unblock_fifo(path) -> None:
@@ -73,8 +74,7 @@ def test_a_file_whose_read_blocks_fails_the_run_in_bounded_time_and_frees_the_gp
                                                                                        monkeypatch):
     from prefect.client.orchestration import get_client
 
-    import mess_ai.pipeline
-    from flows.extract import extract_features
+    import mess_ai.extraction.steps
 
     audio = tmp_path / "audio"
     for name in ("a.wav", "b.wav", "c.wav", "d.wav"):
@@ -82,20 +82,20 @@ def test_a_file_whose_read_blocks_fails_the_run_in_bounded_time_and_frees_the_gp
     # Reading b.wav blocks in C code and never returns, as a read from a network mount that stopped answering
     # does (a FIFO no longer can: files are opened non-blocking, and a FIFO fails at once).
     never = threading.Event()
-    load_mono = mess_ai.pipeline.load_mono
+    load_mono = mess_ai.extraction.steps.load_mono
 
     def stuck_on_b(opened, *args, **kwargs):
         if opened.path.name == "b.wav":
             never.wait()
         return load_mono(opened, *args, **kwargs)
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", stuck_on_b)
+    monkeypatch.setattr(mess_ai.extraction.steps, "load_mono", stuck_on_b)
     limit = "gpu-time-limit-test"
     started = time.monotonic()
     try:
-        state = extract_features(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
-                                 device="cpu", files_per_task=2, gpu_limit=limit, chunk_time_limit_seconds=10,
-                                 return_state=True)
+        state = extract_flow(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
+                            device="cpu", files_per_task=2, gpu_limit=limit, chunk_time_limit_seconds=6,
+                            return_state=True)
         took = time.monotonic() - started
         fs = FeatureStore(tmp_path / "store", "audio")
         try:
@@ -105,11 +105,11 @@ def test_a_file_whose_read_blocks_fails_the_run_in_bounded_time_and_frees_the_gp
     finally:
         never.set()  # (its thread then goes on: read the manifest before)
     assert state.is_failed()
-    assert "chunk 1 of 2 did not finish within its time limit of 10 s" in state.message
+    assert "chunk 1 of 2 did not finish within its time limit of 6 s" in state.message
     assert "b.wav" in state.message
     assert took < 60
     assert rows["b.wav"]["status"] == "failed" and rows["b.wav"]["error_class"] == "StageTimeout"
-    assert "stuck reading and decoding b.wav for 10 s" in rows["b.wav"]["error_message"]
+    assert "stuck reading and decoding b.wav for 6 s" in rows["b.wav"]["error_message"]
     assert not rows["b.wav"]["permanent"]  # retried on the next runs (given up after 3 time-outs)
     assert rows["c.wav"]["status"] == "done" and rows["d.wav"]["status"] == "done"  # the other chunk finished
     with get_client(sync_client=True) as client:
@@ -121,7 +121,6 @@ def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tm
     from prefect.client.orchestration import get_client
 
     import mess_ai.features.extractor
-    from flows.extract import extract_features
 
     audio = tmp_path / "audio"
     write_audio(audio / "a.wav", seconds=3.0)  # one chunk: which of two would reach the model first is a race
@@ -130,9 +129,9 @@ def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tm
     monkeypatch.setattr(mess_ai.features.extractor.Extractor, "_forward", lambda self, windows: never.wait())
     limit = "gpu-time-limit-model-test"
     try:
-        state = extract_features(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
-                                 device="cpu", files_per_task=1, gpu_limit=limit, chunk_time_limit_seconds=10,
-                                 return_state=True)
+        state = extract_flow(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
+                            device="cpu", files_per_task=1, gpu_limit=limit, chunk_time_limit_seconds=6,
+                            return_state=True)
         with get_client(sync_client=True) as client:
             active = client.read_global_concurrency_limit_by_name(limit).active_slots
         fs = FeatureStore(tmp_path / "store", "audio")
@@ -143,7 +142,7 @@ def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tm
     finally:
         never.set()
     assert state.is_failed()
-    assert "chunk 1 of 1 did not finish within its time limit of 10 s (stuck running the model on a.wav)" in \
+    assert "chunk 1 of 1 did not finish within its time limit of 6 s (stuck running the model on a.wav)" in \
         state.message
     assert active == 0
     # The model is stuck, not the file: it is not blamed, but left for the next run.
@@ -152,13 +151,12 @@ def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tm
 
 @pytest.mark.usefixtures("prefect_api")
 def test_a_run_past_its_own_time_limit_starts_no_more_chunks(tmp_path, tiny_model):
-    from flows.extract import extract_features
 
     audio = tmp_path / "audio"
     for i in range(4):
         write_audio(audio / f"t{i}.wav", seconds=2.0)
-    state = extract_features(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model, device="cpu",
-                             files_per_task=1, gpu_limit="", run_time_limit_hours=0.1 / 3600, return_state=True)
+    state = extract_flow(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model, device="cpu",
+                        files_per_task=1, gpu_limit="", run_time_limit_hours=0.1 / 3600, return_state=True)
     assert state.is_failed()
     # How many chunks started before the limit passed depends on this machine's speed; none after it did.
     found = re.search(r"the run did not finish within its time limit of 0 s \(stuck with (\d) of 4 chunks not "

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from watchfiles import Change
 
+import cli.watch
 import deployments.watch
 from deployments.watch import describe_batch, watch
 from mess_ai.audio import discover_audio
 from mess_ai.errors import MessError
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store import FeatureStore
 from mess_ai.watcher import StableBatcher, watch_folder
 from tests.helpers.audio import write_audio
@@ -214,9 +216,9 @@ def test_bad_arguments_are_rejected(root):
 
 def test_watch_command_line():
     parser = argparse.ArgumentParser(prog="mess-ai")
-    deployments.watch.register(parser.add_subparsers(dest="command"))
+    cli.watch.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["watch", "in", "--local", "--store", "st", "--stable-seconds", "2", "--model", "m"])
-    assert args.func is deployments.watch.cmd_watch
+    assert args.func is cli.watch.cmd_watch
     assert (args.audio_dir, args.store, args.local, args.stable_seconds, args.debounce_seconds) == \
         (Path("in"), Path("st"), True, 2.0, 2.0)
     assert (args.model, args.device, args.deployment) == ("m", None, "extract-features/on-new-audio")
@@ -382,7 +384,7 @@ def test_watch_command_logs_with_times_and_calls_files_at_start_what_they_are(tm
     config = ExtractConfig(model=tiny_model, device="cpu")
     assert run_extraction(root, tmp_path / "store", config=config).done == 2
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mess_ai.cli", "watch", str(root), "--local", "--store", str(tmp_path / "store"),
+        [sys.executable, "-m", "cli", "watch", str(root), "--local", "--store", str(tmp_path / "store"),
          "--model", tiny_model, "--device", "cpu", "--stable-seconds", "0.3", "--debounce-seconds", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api))
     lines: queue.Queue = queue.Queue()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store import DONE, FeatureStore
 from tests.audio.test_discovery import NFC_CAFE, NFD_CAFE, skip_unless_twins_can_exist
 from tests.helpers.audio import write_audio

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest-url", default=None)
     args = parser.parse_args(argv)
 
-    from mess_ai.pipeline import ExtractConfig, run_extraction
+    from mess_ai.config import ExtractConfig
+    from mess_ai.pipeline import run_extraction
 
     config = ExtractConfig(model=args.model, device="cpu", keep_raw=args.keep_raw, batch_size=args.batch_size)
     summary = run_extraction(args.audio, args.store, config=config, manifest_url=args.manifest_url)

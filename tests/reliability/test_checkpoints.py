@@ -9,10 +9,13 @@ import pickle
 import pytest
 
 from mess_ai.errors import ModelError, UnsupportedCheckpointError
-from mess_ai.features.model import clear_model_cache, write_test_model
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.features.loading import clear_model_cache
+from mess_ai.features.random_checkpoints import write_test_model
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store import FeatureStore
 from tests.helpers.audio import write_audio, write_empty
+from tests.helpers.flows import extract_flow
 
 
 class _RunsCode:
@@ -122,12 +125,11 @@ def test_booby_trapped_pickle_checkpoint_is_refused_without_running_it(tmp_path)
 
 @pytest.mark.usefixtures("prefect_api")
 def test_bad_checkpoint_fails_the_flow_before_any_file_is_touched(tmp_path):
-    from flows.extract import extract_features
 
     model = write_test_model(tmp_path / "model")
     _truncate_weights(model)
-    state = extract_features(audio_dir=str(_folder(tmp_path)), store=str(tmp_path / "store"), model=str(model),
-                             device="cpu", gpu_limit="", return_state=True)
+    state = extract_flow(audio_dir=str(_folder(tmp_path)), store=str(tmp_path / "store"), model=str(model),
+                        device="cpu", gpu_limit="", return_state=True)
     assert state.is_failed()
     with pytest.raises(UnsupportedCheckpointError):
         state.result()

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mess_ai.pipeline
+import mess_ai.extraction.steps
 from mess_ai.audio import discover_audio
 from mess_ai.errors import StoreError
-from mess_ai.pipeline import ExtractConfig, ExtractionSession, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import ExtractionSession, run_extraction
 from mess_ai.store import FeatureStore, Manifest, load_npy
 from mess_ai.store.keys import sha256_file
 from mess_ai.store.manifest import sqlite_url
@@ -161,7 +162,7 @@ def _extract_replacing(monkeypatch, tmp_path, tiny_model, when, keep_stat):
     audio = tmp_path / "audio"
     path = write_audio(audio / "song.wav", data=old, sample_rate=24000)
     sha = {"old": sha256_file(path)}
-    real_load = mess_ai.pipeline.load_mono
+    real_load = mess_ai.extraction.steps.load_mono
 
     replaced = []
 
@@ -177,7 +178,7 @@ def _extract_replacing(monkeypatch, tmp_path, tiny_model, when, keep_stat):
             replaced.append(when)
         return signal
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_and_replace)
+    monkeypatch.setattr(mess_ai.extraction.steps, "load_mono", load_and_replace)
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
     monkeypatch.undo()
     assert summary.done == 1
@@ -229,7 +230,7 @@ def test_a_file_rewritten_in_place_while_decoded_is_read_again(monkeypatch, tmp_
     old, new = _versions()
     audio = tmp_path / "audio"
     path = write_audio(audio / "song.wav", data=old, sample_rate=24000)
-    real_load = mess_ai.pipeline.load_mono
+    real_load = mess_ai.extraction.steps.load_mono
     rewritten = []
 
     def load_and_rewrite(opened, rate, **kwargs):
@@ -244,7 +245,7 @@ def test_a_file_rewritten_in_place_while_decoded_is_read_again(monkeypatch, tmp_
             rewritten.append(True)
         return signal
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_and_rewrite)
+    monkeypatch.setattr(mess_ai.extraction.steps, "load_mono", load_and_rewrite)
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
     monkeypatch.undo()
     assert summary.done == 1 and rewritten
@@ -260,14 +261,14 @@ def test_a_file_rewritten_in_place_while_decoded_is_read_again(monkeypatch, tmp_
 def test_file_that_keeps_changing_is_recorded_and_retried(monkeypatch, tmp_path, tiny_model):
     audio = tmp_path / "audio"
     path = write_audio(audio / "growing.wav", seconds=3.0)
-    real_load = mess_ai.pipeline.load_mono
+    real_load = mess_ai.extraction.steps.load_mono
 
     def load_while_written(source_path, rate, **kwargs):
         signal = real_load(source_path, rate, **kwargs)
         os.utime(path, ns=(time.time_ns(), time.time_ns()))  # still being written by something else
         return signal
 
-    monkeypatch.setattr(mess_ai.pipeline, "load_mono", load_while_written)
+    monkeypatch.setattr(mess_ai.extraction.steps, "load_mono", load_while_written)
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
     monkeypatch.undo()
     (outcome,) = summary.outcomes
@@ -284,14 +285,14 @@ def _extract_while_one_file_vanishes(monkeypatch, tmp_path, tiny_model):
     audio = tmp_path / "audio"
     write_audio(audio / "stays.wav", seconds=3.0)
     write_audio(audio / "vanishes.wav", seconds=3.0, frequency=300)
-    real_open = mess_ai.pipeline.open_audio
+    real_open = mess_ai.extraction.steps.open_audio
 
     def open_audio(source_path, *args, **kwargs):
         if Path(source_path).name == "vanishes.wav":
             shutil.move(source_path, tmp_path / "parked.wav")
         return real_open(source_path, *args, **kwargs)
 
-    monkeypatch.setattr(mess_ai.pipeline, "open_audio", open_audio)
+    monkeypatch.setattr(mess_ai.extraction.steps, "open_audio", open_audio)
     summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cpu"))
     monkeypatch.undo()
     return summary

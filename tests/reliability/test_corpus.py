@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from mess_ai.audio import WindowSpec, discover_audio, window_bounds
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store import DONE, FAILED, FeatureStore, load_npy
 from tests.helpers.corpus import DONE as EXPECT_DONE
 from tests.helpers.corpus import FAILED as EXPECT_FAILED
 from tests.helpers.corpus import IGNORED, build_corpus, write_not_utf8_name
 from tests.helpers.audio import write_audio
 from tests.helpers.store_checks import assert_consistent_after_crash, temp_files
+from tests.helpers.flows import extract_flow
 
 SR = 24000  # the tiny checkpoint's rate, as MERT-v1's
 N_STATES, HIDDEN = 3, 32
@@ -135,11 +137,10 @@ def test_rerun_over_the_corpus_changes_nothing(corpus, tiny_model):
 @pytest.mark.usefixtures("prefect_api")
 def test_corpus_through_the_flow(tmp_path, tiny_model):
     """The Prefect flow over the same corpus (a 1-minute long file to save time): the same outcome per file."""
-    from flows.extract import extract_features
 
     expected = build_corpus(tmp_path, long_seconds=60.0)
-    result = extract_features(audio_dir=str(tmp_path / "audio"), store=str(tmp_path / "store"), model=tiny_model,
-                              device="cpu", files_per_task=8, gpu_limit="", retry_delay_seconds=0)
+    result = extract_flow(audio_dir=str(tmp_path / "audio"), store=str(tmp_path / "store"), model=tiny_model,
+                         device="cpu", files_per_task=8, gpu_limit="", retry_delay_seconds=0)
     outcomes = {o["relative_path"]: o for o in result["outcomes"]}
     assert {rel: o["status"] for rel, o in outcomes.items()} == {
         rel: e.status for rel, e in expected.items() if e.status != IGNORED}

@@ -20,7 +20,8 @@ import sqlalchemy.exc
 
 import mess_ai.store.atomic
 from mess_ai.audio import discover_audio
-from mess_ai.pipeline import ExtractConfig, ExtractionSession, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import ExtractionSession, run_extraction
 from mess_ai.store import FeatureStore, Manifest
 from tests.helpers import extract_process
 from tests.helpers.audio import write_audio

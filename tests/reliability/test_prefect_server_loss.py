@@ -36,7 +36,7 @@ def _server(home, log):
 
 def _extract(audio, store, model, env, gpu_limit):
     return subprocess.Popen(
-        [sys.executable, "-m", "mess_ai.cli", "extract", str(audio), "--store", str(store), "--model", model,
+        [sys.executable, "-m", "cli", "extract", str(audio), "--store", str(store), "--model", model,
          "--device", "cpu", "--files-per-task", "2", "--gpu-limit", gpu_limit],
         cwd=REPO_ROOT, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)

@@ -38,7 +38,7 @@ class Cycle:
 
 
 def _cli(audio, store, model, api_url, *, json_out=False):
-    cmd = [sys.executable, "-m", "mess_ai.cli", "-q", "extract", str(audio), "--store", str(store), "--model", model,
+    cmd = [sys.executable, "-m", "cli", "-q", "extract", str(audio), "--store", str(store), "--model", model,
            "--device", "cpu", "--keep-raw", "--batch-size", "2", "--gpu-limit", ""] + (["--json"] if json_out else [])
     env = dict(extract_process.environment(), PREFECT_API_URL=api_url)
     return subprocess.Popen(cmd, cwd=extract_process.REPO, env=env, stdout=subprocess.PIPE,

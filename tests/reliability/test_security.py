@@ -16,8 +16,9 @@ import pytest
 
 from mess_ai.audio import discover_audio, make_track_id
 from mess_ai.errors import UnsupportedCheckpointError
-from mess_ai.features.model import clear_model_cache, load_model
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.features.loading import clear_model_cache, load_model
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store import FeatureStore, check_dataset_name, check_store, load_npy
 from tests.helpers.audio import write_audio
 from tests.helpers.prefect_server import make_server_start_lines
@@ -197,13 +198,13 @@ def test_pickled_feature_file_is_refused_by_the_analysis(extracted, tmp_path):
 
 def test_remote_code_is_off_by_default_everywhere():
     from flows.extract import extract_features
-    from mess_ai.cli import build_parser
+    from cli.main import build_parser
 
     assert ExtractConfig().trust_remote_code is False
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
-    assert inspect.signature(extract_features.fn).parameters["trust_remote_code"].default is False
+    assert inspect.signature(extract_features.fn).parameters["config"].default.trust_remote_code is False
     args = build_parser().parse_args(["extract", "folder", "--store", "store"])
-    assert args.trust_remote_code is False
+    assert args.config_trust_remote_code is None  # not given: the config's default, False
 
 
 def _checkpoint_with_code(folder, marker):

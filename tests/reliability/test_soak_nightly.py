@@ -219,7 +219,7 @@ def test_soak_a_month_of_nights(tmp_path, tiny_model, figures):
                 stop(worker)
             stop(server)
     wall_seconds = time.monotonic() - started
-    check = subprocess.run([sys.executable, "-m", "mess_ai.cli", "check", "--store", str(store)], cwd=REPO_ROOT,
+    check = subprocess.run([sys.executable, "-m", "cli", "check", "--store", str(store)], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=300)
     manifest = {row["relative_path"]: row for row in rows(store, "incoming").values()}
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mess_ai.pipeline import ExtractConfig, run_extraction
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store import DONE, FeatureStore
 from mess_ai.store.integrity import IntegrityReport, check_dataset
 from mess_ai.store.manifest import tracks
