@@ -114,12 +114,10 @@ def _nested(parameters: dict[str, Any], defaults: dict[str, Any] | None = None) 
     """Flow parameters from flat ones: fields of ``ExtractConfig`` and ``RunOptions`` go into ``config`` and
     ``run``, on top of those the deployment sets (``defaults``: Prefect replaces a parameter whole, so a ``config``
     naming only the device would drop the deployment's model)."""
-    from mess_ai.config import ExtractConfig, RunOptions
+    from mess_ai.config import sort_settings
 
-    nested = {k: v for k, v in parameters.items()
-              if k not in ExtractConfig.model_fields and k not in RunOptions.model_fields}
-    for name, model in (("config", ExtractConfig), ("run", RunOptions)):
-        fields = {k: v for k, v in parameters.items() if k in model.model_fields}
+    config, run, nested = sort_settings(parameters)
+    for name, fields in (("config", config), ("run", run)):
         if fields:
             nested[name] = {**((defaults or {}).get(name) or {}), **fields}
     return nested

@@ -9,7 +9,7 @@ and passed whole to the flow. The content key of stored features is derived from
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -142,11 +142,18 @@ class RunOptions(BaseModel):
                                                                        "stages' limits added up.")
 
 
+def sort_settings(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Flat settings sorted by name: (the ``ExtractConfig`` fields given, the ``RunOptions`` fields given, the rest:
+    the flow's other parameters). Only what is given: the defaults stay the models' own."""
+    config = {k: v for k, v in values.items() if k in ExtractConfig.model_fields}
+    run = {k: v for k, v in values.items() if k in RunOptions.model_fields}
+    rest = {k: v for k, v in values.items() if k not in config and k not in run}
+    return config, run, rest
+
+
 def split_settings(**values: Any) -> tuple[ExtractConfig, RunOptions, dict[str, Any]]:
     """Flat keyword settings sorted by name into an ``ExtractConfig``, a ``RunOptions`` and the rest (the flow's
     other parameters): ``split_settings(model=m, device="cpu", files_per_task=2, dataset="d")``. For scripts and
     tests that name a few settings; the names are the fields', so nothing is written twice."""
-    config = {k: v for k, v in values.items() if k in ExtractConfig.model_fields}
-    run = {k: v for k, v in values.items() if k in RunOptions.model_fields}
-    rest = {k: v for k, v in values.items() if k not in config and k not in run}
+    config, run, rest = sort_settings(values)
     return ExtractConfig(**config), RunOptions(**run), rest

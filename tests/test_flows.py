@@ -13,22 +13,21 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
 import mess_ai.extraction.steps
-from flows.extract import balanced_files_per_chunk, extract_features
+from flows.extract import balanced_files_per_chunk
 from mess_ai.audio import discover_audio
-from mess_ai.config import split_settings
 from cli.report import print_summary
 from mess_ai.pipeline import RunSummary
 from mess_ai.reporting import artifact_key
 from mess_ai.store import FeatureStore
 from tests.helpers.audio import write_audio, write_empty, write_not_audio
+from tests.helpers.flows import extract_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def run_flow(audio, store, model, **kwargs):
     kwargs.setdefault("retry_delay_seconds", 0)
-    config, run, rest = split_settings(model=model, device="cpu", **kwargs)
-    return extract_features(audio_dir=str(audio), store=str(store), config=config, run=run, **rest)
+    return extract_flow(audio_dir=str(audio), store=str(store), model=model, device="cpu", **kwargs)
 
 
 def latest_artifact(key):
