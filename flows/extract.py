@@ -72,7 +72,8 @@ def extract_features(
     url = manifest_url_of_run(manifest_url, manifest_secret)
     monitor = ResourceMonitor(resolve_device(config.device))
     session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
-                                manifest_url=url, monitor=monitor, reextract=reextract)
+                                manifest_url=url, monitor=monitor, reextract=reextract,
+                                decode_workers=run.decode_workers)
     limits = TimeLimits(base_seconds=run.time_limit_base_seconds,
                         seconds_per_audio_second=run.time_limit_per_audio_second,
                         chunk_seconds=run.chunk_time_limit_seconds,

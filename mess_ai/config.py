@@ -121,6 +121,10 @@ class RunOptions(BaseModel):
         60.0, gt=0, description="Also cap a chunk at about this much audio (a longer file makes a chunk of its "
                                 "own): the flow's memory holds two chunks of decoded audio, about 5.8 MB per audio "
                                 "minute at 24 kHz; empty for no cap.")
+    decode_workers: int | None = Field(
+        None, ge=0, description="Processes that decode audio ahead of the model. 0: decode in the run's own process "
+                                "(a thread per chunk in flight). Empty: 4 per GPU, capped by the cores less one; 0 on "
+                                "a CPU, where the model is hundreds of times slower than decoding.")
     gpu_limit: str = Field("gpu", description="Name of the Prefect global concurrency limit the run holds for its "
                                               "model work; empty for none. '{host}' in it is replaced by this "
                                               "machine's host name (one limit per GPU host: 'gpu:{host}').")

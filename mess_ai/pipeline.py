@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 from mess_ai import progress as progress_events
-from mess_ai.audio import AudioSource, discover_audio
+from mess_ai.audio import AudioSource, discover_audio, identity
+from mess_ai.audio.decode_pool import DecodePool, NotTheSameFile, default_decode_workers, usable_cpus
 from mess_ai.config import ExtractConfig
 from mess_ai.deadline import Activity, StageTimeout
 from mess_ai.errors import InputError
 from mess_ai.extraction.dataset import describe_config_change, open_dataset, recorded_precision
+from mess_ai.extraction.decoding import AudioBudget, DecodeAhead, OpenTrack, budget_seconds
 from mess_ai.extraction.model_stage import ModelStage
 from mess_ai.extraction.plan import Decision, FileState, Row, Selection, file_identity, plan_files
 from mess_ai.extraction.provenance import build_provenance
@@ -37,7 +39,7 @@ from mess_ai.extraction.stats import (
     RunStats,
     RunSummary,
 )
-from mess_ai.extraction.steps import decode_track, file_states, header_duration, opened_or_error
+from mess_ai.extraction.steps import decode_track, file_states, header_duration, opened_or_error, track_job
 from mess_ai.extraction.track import (
     TIMEOUTS_BEFORE_GIVING_UP,
     UNFINISHED_BEFORE_GIVING_UP,
@@ -56,48 +58,10 @@ from mess_ai.store.integrity import IntegrityReport, check_dataset
 __all__ = [
     "FILE_CATEGORIES", "STAGES", "TIMEOUTS_BEFORE_GIVING_UP", "UNFINISHED_BEFORE_GIVING_UP", "ExtractionSession",
     "FileCounts", "FileOutcome", "ProgressCallback", "RunSummary", "build_provenance", "chunk_sources",
-    "describe_config_change", "file_identity", "prefetch", "run_extraction", "run_extraction_async",
+    "describe_config_change", "file_identity", "run_extraction", "run_extraction_async",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def prefetch(items: Iterator[TrackJob], depth: int, on_abandon: Callable[[TrackJob], None]) -> Iterator[TrackJob]:
-    """Run ``items`` in a thread, ``depth`` ahead, so decoding the next files overlaps model work."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                else:
-                    on_abandon(item)
-                    return
-            buffer.put(end)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            buffer.put(exc)
-
-    worker = threading.Thread(target=produce, name="mess-ai-prefetch", daemon=True)
-    worker.start()
-    try:
-        while (item := buffer.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join()
-        while not buffer.empty():
-            item = buffer.get_nowait()
-            if isinstance(item, TrackJob):
-                on_abandon(item)
 
 
 class ExtractionSession:
@@ -105,19 +69,21 @@ class ExtractionSession:
 
     Thread-safe where the flows need it: stages of different chunks may run in different threads. What the run
     did is tallied in ``stats``; each track worked on is a ``TrackAttempt``, which alone holds its lock; the model
-    and the writing of features are the ``ModelStage``'s.
+    and the writing of features are the ``ModelStage``'s. Files are decoded by ``decode_workers`` processes of the
+    session's (None: ``default_decode_workers`` for the device; 0: in this process), which ``close`` ends.
     """
 
     def __init__(self, store_root: str | Path, dataset: str, config: ExtractConfig | None = None, *,
                  manifest_url: str | None = None, progress: ProgressCallback | None = None,
                  model_loader: Callable[..., LoadedModel] = get_model,
-                 monitor: ResourceMonitor | None = None, reextract: bool = False) -> None:
+                 monitor: ResourceMonitor | None = None, reextract: bool = False,
+                 decode_workers: int | None = None) -> None:
         self.config = config or ExtractConfig()
         self.store = FeatureStore(store_root, dataset, manifest_url)
         self.reextract = reextract
+        device = resolve_device(self.config.device)
         # The precision actually used: with ``auto``, the dataset's own (never a silent re-extraction in another).
-        self.precision = resolve_precision(self.config.precision, resolve_device(self.config.device),
-                                           recorded_precision(self.store))
+        self.precision = resolve_precision(self.config.precision, device, recorded_precision(self.store))
         # The weights, resolved once: the key, the provenance and the model loaded all name the same ones.
         self.identity = model_identity(self.config.model, self.config.revision)
         self.key = self.config.key(self.precision, self.identity["fingerprint"])
@@ -131,9 +97,24 @@ class ExtractionSession:
         # when one kills the process again, no other file's attempt dies with it (see ``isolate``).
         self.suspects: set[str] = set()
         self._lock = threading.Lock()
+        self.decode_workers = (default_decode_workers(device.type, _gpus(device), usable_cpus())
+                               if decode_workers is None else decode_workers)
+        self.budget = AudioBudget(budget_seconds(self.decode_workers))
+        self._pool: DecodePool | None = None
+        self._streams: list[DecodeAhead] = []
 
     def close(self) -> None:
-        self.store.close()
+        """Stop the decoding (tracks not extracted are given back), end the decoding processes, close the store."""
+        try:
+            with self._lock:
+                streams, self._streams = self._streams, []
+                pool, self._pool = self._pool, None
+            for stream in streams:
+                stream.close()
+            if pool is not None:
+                pool.close()
+        finally:
+            self.store.close()
 
     @property
     def outcomes(self) -> dict[str, FileOutcome]:
@@ -247,8 +228,23 @@ class ExtractionSession:
                 track.begin(opened, open_error)
             self.stats.record(track.failed(stage, error))
 
+    def decode_ahead(self, sources: list[AudioSource]) -> DecodeAhead:
+        """The jobs of ``sources``, decoded from now on in the background (by the decoding processes, or by a thread
+        of its own with none) and yielded in the order they finish, the audio in flight within ``budget``. Closing
+        it (the model stage does, whatever stops it) gives back the tracks it did not hand out."""
+        if sources:
+            self.model()  # the sampling rate; and a model that cannot load stops the run before any file is taken
+        with self._lock:
+            if self.decode_workers and self._pool is None:
+                log.info("Decoding in %d processes.", self.decode_workers)
+                self._pool = DecodePool(self.decode_workers)
+            stream = DecodeAhead(self, sources, self.durations, self.budget, in_workers=self._pool is not None)
+            self._streams.append(stream)
+        return stream
+
     def preprocess(self, sources: list[AudioSource]) -> Iterator[TrackJob]:
-        """Decode, resample and window each source, holding its track until ``extract`` writes it.
+        """Decode, resample and window each source in the calling thread as its job is asked for, holding its track
+        until ``extract`` writes it.
 
         A track another run holds right now is left to that run (outcome ``busy``): waiting for it while holding
         tracks of our own could deadlock two runs over the same files. Needs the model's sampling rate, so it
@@ -256,43 +252,85 @@ class ExtractionSession:
         """
         if not sources:
             return
-        model = self.model()
+        self.model()
         for source in sources:
-            track = TrackAttempt.take(self.store, source, self.key, wait=False)
-            if track is None:
-                log.info("%s is being extracted by another run right now: leaving it to that run.", source.relative)
-                self.stats.record(FileOutcome(source.track_id, source.relative, "busy",
-                                              reason="another run is extracting it right now"))
-                continue
-            with track:  # given back here, unless handed over with its job
-                job = self._preprocess_one(track, model.sampling_rate)
-            if job is not None:
+            track = self.open_track(source)
+            if track is not None and (job := self.decode_here(track)) is not None:
                 yield job
 
-    def _preprocess_one(self, track: TrackAttempt, sampling_rate: int) -> TrackJob | None:
-        source = track.source
-        if not self.still_pending([source]):  # finished by another run while we waited, or by a retry
-            track.give_back()
-            row = self.store.manifest.get(self.store.dataset, source.track_id)
-            status = "unchanged" if row and row["status"] == DONE else "previously_failed"
-            self.stats.record(FileOutcome(source.track_id, source.relative, status), announce=False)
+    def open_track(self, source: AudioSource) -> OpenTrack | None:
+        """Take the track, and open and hash its file (its attempt begun): ready to decode. None when there is
+        nothing to decode: busy (another run holds it), settled meanwhile, or failed to open (recorded)."""
+        track = TrackAttempt.take(self.store, source, self.key, wait=False)
+        if track is None:
+            log.info("%s is being extracted by another run right now: leaving it to that run.", source.relative)
+            self.stats.record(FileOutcome(source.track_id, source.relative, "busy",
+                                          reason="another run is extracting it right now"))
             return None
-        self.activity.set(f"reading and decoding {source.relative}", source.track_id, "preprocess")
-        with opened_or_error(source) as (opened, error):
-            error = track.begin(opened, error)
+        with track:  # given back here, unless handed over with its open file
+            if not self.still_pending([source]):  # finished by another run while we waited, or by a retry
+                track.give_back()
+                row = self.store.manifest.get(self.store.dataset, source.track_id)
+                status = "unchanged" if row and row["status"] == DONE else "previously_failed"
+                self.stats.record(FileOutcome(source.track_id, source.relative, status), announce=False)
+                return None
+            self.activity.set(f"reading {source.relative}", source.track_id, "preprocess")
+            files = contextlib.ExitStack()
+            try:
+                opened, error = files.enter_context(opened_or_error(source))
+                error = track.begin(opened, error)
+            except BaseException:
+                files.close()
+                raise
             if error is not None:
+                files.close()
                 self.stats.record(track.failed("preprocess", error))
                 return None
-            started = time.perf_counter()
-            try:
-                job = decode_track(track, opened, sampling_rate, self.config)
-            except Exception as exc:  # noqa: BLE001 - recorded; transient ones are retried
-                self.stats.record(track.failed("preprocess", exc))
-                return None
-            finally:
-                self.stats.add("preprocess", time.perf_counter() - started, 1, track.duration_seconds)
-        track.hand_over()
-        return job
+            return OpenTrack(track.hand_over(), opened, files)
+
+    def decode_here(self, open_track: OpenTrack) -> TrackJob | None:
+        """Decode the open track in this process into its job for the model; None when it failed (recorded)."""
+        track = open_track.track
+        self.activity.set(f"reading and decoding {track.source.relative}", track.source.track_id, "preprocess")
+        started = time.perf_counter()
+        try:
+            return decode_track(track, open_track.opened, self.model().sampling_rate, self.config)
+        except Exception as exc:  # noqa: BLE001 - recorded; transient ones are retried
+            self.stats.record(track.failed("preprocess", exc))
+            return None
+        finally:
+            open_track.files.close()
+            self.stats.add("preprocess", time.perf_counter() - started, 1, track.duration_seconds)
+
+    def submit(self, open_track: OpenTrack) -> Future:
+        """Hand the open track to a decoding process (it decodes it while it is the file hashed)."""
+        return self._pool.decode(open_track.opened.path, identity(open_track.track.stat),
+                                 self.model().sampling_rate, self.config.limits)
+
+    def decoded_by_worker(self, open_track: OpenTrack, outcome: Future) -> TrackJob | None:
+        """The job from what a decoding process made of the open track: its samples, its error (recorded as the
+        same decoding in this process records it), or not the file hashed (decoded here, from the descriptor that
+        was hashed, hashing again if it changed). None when it failed."""
+        track = open_track.track
+        try:
+            decoded = outcome.result()
+        except NotTheSameFile as changed:
+            log.info("%s: %s; decoding it in the run's own process.", track.source.relative, changed.why)
+            return self.decode_here(open_track)
+        except Exception as exc:  # noqa: BLE001 - recorded; transient ones are retried
+            open_track.files.close()
+            self.stats.record(track.failed("preprocess", exc))
+            return None
+        open_track.files.close()
+        started = time.perf_counter()
+        try:
+            return track_job(track, decoded.samples, self.model().sampling_rate, self.config)
+        except Exception as exc:  # noqa: BLE001 - too short once decoded
+            self.stats.record(track.failed("preprocess", exc))
+            return None
+        finally:
+            self.stats.add("preprocess", decoded.seconds + time.perf_counter() - started, 1,
+                           track.duration_seconds)
 
     def abandon(self, job: TrackJob) -> None:
         """Give back a prepared track that will not be extracted (its row stays pending: redone next run)."""
@@ -324,6 +362,15 @@ class ExtractionSession:
             self.activity.set(f"checking the store {self.store.root}")
             check_dataset(self.store, report, check_values=False)
         return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
+
+
+def _gpus(device: Any) -> int:
+    """GPUs a run on ``device`` may use: every CUDA device for ``cuda`` without an index, else one."""
+    if device.type == "cuda" and device.index is None:
+        import torch
+
+        return torch.cuda.device_count()
+    return 0 if device.type == "cpu" else 1
 
 
 def chunk_sources(sources: list[AudioSource], files_per_chunk: int, seconds_per_chunk: float | None = None,
@@ -361,14 +408,15 @@ def run_extraction(
     manifest_url: str | None = None,
     progress: ProgressCallback | None = None,
     model_loader: Callable[..., LoadedModel] = get_model,
-    prefetch_depth: int = 2,
     reextract: bool = False,
+    decode_workers: int | None = None,
 ) -> RunSummary:
     """Extract features for every new or changed audio file under ``audio_dir`` into ``store_root``, in plain
     Python (no Prefect).
 
     ``dataset`` defaults to the audio folder's name. ``only_failed`` re-runs just the files whose last attempt
     failed. ``reextract`` lets a run with another config than the dataset's replace its features (else refused).
+    ``decode_workers``: processes decoding ahead of the model (None: ``default_decode_workers`` for the device).
     Raises ``FileNotFoundError`` for a missing folder, ``ModelError`` when the model cannot be loaded,
     ``DatasetMismatchError`` when the dataset holds another folder's recordings or another config's features
     (without ``reextract``), and ``StoreError`` when the store cannot be used; a bad audio file never raises,
@@ -380,7 +428,7 @@ def run_extraction(
     monitor = ResourceMonitor(resolve_device(config.device))
     session = ExtractionSession(store_root, dataset or audio_dir.absolute().name, config,
                                 manifest_url=manifest_url, progress=progress, model_loader=model_loader,
-                                monitor=monitor, reextract=reextract)
+                                monitor=monitor, reextract=reextract, decode_workers=decode_workers)
     try:
         with monitor:
             sources = session.discover(audio_dir)
@@ -390,12 +438,9 @@ def run_extraction(
             valid = session.validate(pending)
             suspects, others = session.isolate(valid)
             for suspect in suspects:  # alone: nothing else in flight
-                session.extract(list(session.preprocess([suspect])))
+                session.extract(session.decode_ahead([suspect]))
             if others:
-                jobs = session.preprocess(others)
-                if prefetch_depth > 0:
-                    jobs = prefetch(jobs, prefetch_depth, session.abandon)
-                session.extract(jobs)
+                session.extract(session.decode_ahead(others))
             problems = session.check()
         summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
     finally:

@@ -23,7 +23,6 @@ from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectN
 from mess_ai.audio import AudioSource
 from mess_ai.deadline import TimeLimits, run_within
 from mess_ai.errors import InputError, MessError, TrackBusyError
-from mess_ai.features.extractor import TrackJob
 from mess_ai.pipeline import ExtractionSession, FileOutcome
 
 
@@ -242,31 +241,13 @@ def validate_files(session: ExtractionSession, sources: list[AudioSource],
     return valid
 
 
-@task(name="preprocess-files", cache_policy=NO_CACHE)
-def preprocess_files(session: ExtractionSession, sources: list[AudioSource]) -> list[TrackJob]:
-    """Decode, downmix, resample and window a chunk of files (CPU work, outside the GPU slot)."""
-    return list(session.preprocess(sources))
-
-
-@task(name="extract-embeddings", cache_policy=NO_CACHE)
-def extract_embeddings(session: ExtractionSession, jobs: list[TrackJob], slot: GpuSlot) -> list[FileOutcome]:
-    """Run a chunk's windows through the model inside the run's GPU slot, and write the features."""
-    logger = get_run_logger()
-    # On an error, extract gives every job back itself: what was not written keeps its row pending (redone next run).
-    outcomes = session.extract(jobs, slot=slot)
-    done = sum(o.status == "done" for o in outcomes)
-    audio = sum(o.duration_seconds or 0.0 for o in outcomes if o.status == "done")
-    logger.info("Extracted %d of %d files (%.1f min of audio).", done, len(outcomes), audio / 60)
-    return outcomes
-
-
 @task(name="process-chunk", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=10,
       retry_jitter_factor=0.5, retry_condition_fn=is_transient)
 def process_chunk(session: ExtractionSession, sources: list[AudioSource], slot: GpuSlot,
                   index: int, total: int, seconds: float | None = None) -> list[FileOutcome]:
-    """One chunk of files: preprocess, then extract, within ``seconds`` (none: no limit). A retry redoes only the
-    files not settled yet. A chunk past its limit raises ``StageTimeout`` naming what it was stuck on (not
-    retried: the stuck work still holds its files)."""
+    """One chunk of files, decoded ahead (outside the GPU slot) and run through the model inside it as each file is
+    decoded, within ``seconds`` (none: no limit). A retry redoes only the files not settled yet. A chunk past its
+    limit raises ``StageTimeout`` naming what it was stuck on (not retried: the stuck work still holds its files)."""
     logger = get_run_logger()
 
     def work() -> list[FileOutcome]:
@@ -274,8 +255,12 @@ def process_chunk(session: ExtractionSession, sources: list[AudioSource], slot: 
         logger.info("Chunk %d of %d: %d files to extract.", index + 1, total, len(pending))
         if not pending:
             return []
-        jobs = preprocess_files(session, pending)
-        outcomes = extract_embeddings(session, jobs, slot) if jobs else []
+        # Decoding starts now, while another chunk may hold the model; the model takes each file as it is decoded.
+        # Whatever stops extract, it closes the stream: tracks not written keep their rows pending (redone next run).
+        outcomes = session.extract(session.decode_ahead(pending), slot=slot)
+        done = [o for o in outcomes if o.status == "done"]
+        logger.info("Chunk %d of %d: extracted %d of %d files (%.1f min of audio).", index + 1, total, len(done),
+                    len(pending), sum(o.duration_seconds or 0.0 for o in done) / 60)
         ids = {s.track_id for s in pending}
         transient = [o for o in session.outcomes.values()
                      if o.track_id in ids and o.status == "failed" and not o.permanent]

@@ -55,15 +55,6 @@ def no_run_logger():
         yield
 
 
-@pytest.fixture
-def plain_subtasks(monkeypatch):
-    """``process_chunk`` calls the tasks ``preprocess_files`` and ``extract_embeddings``; called outside a flow
-    run, Prefect would start a temporary API server for their task runs (~15 s). Here they run as their plain
-    functions, so the chunk's own logic (what is still pending, what counts as transient, its limit) is tested."""
-    monkeypatch.setattr(tasks.extraction, "preprocess_files", tasks.extraction.preprocess_files.fn)
-    monkeypatch.setattr(tasks.extraction, "extract_embeddings", tasks.extraction.extract_embeddings.fn)
-
-
 def open_session(tmp_path: Path, model: str) -> ExtractionSession:
     return ExtractionSession(tmp_path / "store", "audio", ExtractConfig(model=model, device="cpu"))
 
@@ -163,7 +154,6 @@ def test_validate_files_drops_the_files_that_are_not_usable_audio(tmp_path, sess
 
 # --- process-chunk -----------------------------------------------------------------------------------------------
 
-@pytest.mark.usefixtures("plain_subtasks")
 def test_process_chunk_returns_the_outcomes_of_its_files(tmp_path, session):
     audio = tmp_path / "audio"
     write_audio(audio / "a.wav", seconds=3.0)
@@ -181,7 +171,6 @@ def test_process_chunk_returns_the_outcomes_of_its_files(tmp_path, session):
     assert rows == {"a.wav": "done", "b.wav": "done", "nan.wav": "failed"}
 
 
-@pytest.mark.usefixtures("plain_subtasks")
 def test_a_transient_failure_raises_and_a_retry_redoes_only_the_files_not_settled(tmp_path, session, monkeypatch):
     audio = tmp_path / "audio"
     write_audio(audio / "flaky.wav", seconds=2.0)
@@ -215,7 +204,6 @@ def test_a_transient_failure_raises_and_a_retry_redoes_only_the_files_not_settle
                                                                               "steady.wav": "done"}
 
 
-@pytest.mark.usefixtures("plain_subtasks")
 def test_a_chunk_past_its_time_limit_raises_stage_timeout_naming_what_it_was_stuck_on(tmp_path, session,
                                                                                       monkeypatch):
     audio = tmp_path / "audio"

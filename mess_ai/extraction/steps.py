@@ -102,11 +102,16 @@ def decode_unchanged(track: TrackAttempt, opened: OpenedAudio, sampling_rate: in
 def decode_track(track: TrackAttempt, opened: OpenedAudio, sampling_rate: int, config: ExtractConfig) -> TrackJob:
     """Decode, resample and window one opened track into a job for the model (carrying ``track``). Audio that
     cannot be used (shorter than the minimum once decoded) raises ``InputError``."""
+    return track_job(track, decode_unchanged(track, opened, sampling_rate, config), sampling_rate, config)
+
+
+def track_job(track: TrackAttempt, signal: np.ndarray, sampling_rate: int, config: ExtractConfig) -> TrackJob:
+    """The job for the model of a track decoded to ``signal`` (float32 [n_samples] at ``sampling_rate``), here or
+    by a decoding process; ``InputError`` when it is shorter than the minimum."""
+    track.duration_seconds = len(signal) / sampling_rate
     try:
-        signal = decode_unchanged(track, opened, sampling_rate, config)
-        track.duration_seconds = len(signal) / sampling_rate
         bounds = window_bounds(len(signal), sampling_rate, config.window)
-    except ValueError as exc:  # window_bounds: decoded audio shorter than the minimum
+    except ValueError as exc:  # decoded audio shorter than the minimum
         raise InputError(track.source.path, str(exc), "preprocess") from exc
     return TrackJob(track.source.track_id, signal, bounds, context=track)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mess_ai.audio import AudioSource
+from mess_ai.audio.decode_pool import DecodingProcessDied
 from mess_ai.audio.opening import OpenedAudio, sha256_fd
 from mess_ai.deadline import StageTimeout
 from mess_ai.errors import InputError, TrackBusyError
@@ -57,6 +58,7 @@ class TrackAttempt:
         self.attempts = 0
         self.started = time.perf_counter()
         self.stat: Any = None  # the file's os.stat_result when it was hashed
+        self.died_before = 0  # attempts on the same bytes a process died in (see ``begin``)
         self.duration_seconds = 0.0
         self._files = contextlib.ExitStack()
         self._raw: np.memmap | None = None
@@ -103,13 +105,13 @@ class TrackAttempt:
             dataset, source.track_id, source_path=str(source.path), relative_path=source.relative,
             size=stat.st_size if stat else None, mtime_ns=stat.st_mtime_ns if stat else None, sha256=sha,
             config_key=self.key, file_identity=file_identity(stat) if stat else None)
-        self._begun, self.started, self.stat = True, time.perf_counter(), stat
+        self._begun, self.started, self.stat, self.died_before = True, time.perf_counter(), stat, died
         for temp in self.store.temp_files(source.track_id):
             temp.unlink(missing_ok=True)  # left by a killed run; we hold the lock now
         if error is None and died >= UNFINISHED_BEFORE_GIVING_UP:
             error = InputError(source.path, f"the process ended {died} times while extracting this file (killed, "
-                                            "e.g. for memory, or crashed) without recording an outcome: given up "
-                                            "on, not retried until the file changes", "preprocess")
+                                            "e.g. for memory, or crashed: the run's own or its decoding process): "
+                                            "given up on, not retried until the file changes", "preprocess")
         return error
 
     def content_changed(self, stat: Any, sha256: str) -> None:
@@ -146,7 +148,9 @@ class TrackAttempt:
     def failed(self, stage: str, exc: BaseException) -> FileOutcome:
         """Record the attempt as failed at ``stage`` because of ``exc`` (permanent for an ``InputError``: bad
         input fails the same way every time) and give the track back. The track's features of an earlier
-        extraction, if any, stay: only new complete ones replace them."""
+        extraction, if any, stay: only new complete ones replace them. A decoding process that died counts as a
+        process dying in the attempt: after ``UNFINISHED_BEFORE_GIVING_UP`` such on the same bytes, ``begin``
+        gives up on the file."""
         permanent = isinstance(exc, InputError)
         reason = exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)
         seconds = time.perf_counter() - self.started
@@ -155,7 +159,9 @@ class TrackAttempt:
             self._settled = True
             self.store.manifest.mark_failed(self.store.dataset, self.source.track_id, stage=stage,
                                             error_class=type(exc).__name__, message=reason, permanent=permanent,
-                                            seconds_spent=seconds, duration_seconds=self.duration_seconds or None)
+                                            seconds_spent=seconds, duration_seconds=self.duration_seconds or None,
+                                            unfinished=self.died_before + 1 if isinstance(exc, DecodingProcessDied)
+                                            else 0)
         finally:
             self.give_back()
         log.warning("%s failed at %s: %s (attempt %d%s)", self.source.relative, stage, reason, self.attempts,

@@ -113,8 +113,8 @@ claims = Table(
 def unfinished_before(row: Mapping[str, Any] | None, sha256: str | None, config_key: str) -> int:
     """Attempts on ``sha256`` with ``config_key`` that began and never ended, before the one about to begin:
     the row is still pending from them (an attempt that ends, in any way, leaves it done or failed, or resets
-    the count). Unknown bytes (None) never match."""
-    if row is None or row["status"] != PENDING or sha256 is None:
+    the count), or failed with the count kept (its decoding process died). Unknown bytes (None) never match."""
+    if row is None or row["status"] not in (PENDING, FAILED) or sha256 is None:
         return 0
     if row["sha256"] != sha256 or row["config_key"] != config_key:
         return 0
@@ -317,10 +317,13 @@ class Manifest:
                      features_n_windows=n_windows, unfinished=0)
 
     def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
-                    permanent: bool, seconds_spent: float, duration_seconds: float | None = None) -> None:
+                    permanent: bool, seconds_spent: float, duration_seconds: float | None = None,
+                    unfinished: int = 0) -> None:
+        """``unfinished``: attempts on these bytes a process died in, this one included, kept when the process that
+        died was the attempt's decoding process (the next attempt adds to them); else 0."""
         self._update(dataset, track_id, status=FAILED, failure_stage=stage, error_class=error_class,
                      error_message=path_text(message), permanent=permanent, seconds_spent=seconds_spent,
-                     duration_seconds=duration_seconds, n_windows=None, unfinished=0)
+                     duration_seconds=duration_seconds, n_windows=None, unfinished=unfinished)
 
     @_database_errors("write")
     def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float, same_host_prefix: str | None = None
