@@ -345,9 +345,12 @@ class ExtractionSession:
                 ) -> list[FileOutcome]:
         """Run prepared tracks through the model and write them; model work happens inside ``slot()``.
 
-        ``slot`` is where the flows take a GPU concurrency slot, so only model work holds one. Every track it was
-        handed is given back, whatever stops it (see ``ModelStage.extract``).
+        ``slot`` is where the flows take a GPU concurrency slot, so only model work holds one: jobs decoded ahead
+        (``decode_ahead``) give it up while they wait for the next decoded file. Every track it was handed is given
+        back, whatever stops it (see ``ModelStage.extract``).
         """
+        if isinstance(jobs, DecodeAhead):
+            slot = jobs.lend(slot)  # given up while the stream waits for decoding
         return self.model_stage.extract(jobs, slot)
 
     def record_timeout(self, timeout: StageTimeout, source: AudioSource) -> FileOutcome:

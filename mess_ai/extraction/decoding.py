@@ -14,10 +14,10 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 from mess_ai.audio import AudioSource, OpenedAudio
 from mess_ai.deadline import Activity
@@ -78,6 +78,46 @@ class AudioBudget:
                 self._waiting.remove(events)
 
 
+class LentSlot:
+    """The model's slot (``slot()``, a context manager: the GPU slot) for a stream's model work, given up while the
+    stream waits for its next decoded file: another chunk whose files are decoded uses the model meanwhile, and a
+    file stuck in decoding never keeps the model from the other chunk."""
+
+    def __init__(self, slot: Callable[[], ContextManager]) -> None:
+        self._slot = slot
+        self._held: ContextManager | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self._take()
+        try:
+            yield
+        finally:
+            self._give()
+
+    @contextlib.contextmanager
+    def given_up(self) -> Iterator[None]:
+        """Without the slot for the block (when it was held), and with it again after, unless the block raised: a
+        stream that ended or failed while it waited takes no slot again (after a time-out, its run may have given
+        the slot back already)."""
+        if self._held is None:
+            yield
+            return
+        self._give()
+        yield
+        self._take()
+
+    def _take(self) -> None:
+        held = self._slot()
+        held.__enter__()
+        self._held = held
+
+    def _give(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
+
+
 @dataclass
 class OpenTrack:
     """A track taken by this run, its attempt begun (the file hashed), its file still open: ``files`` closes it."""
@@ -127,12 +167,24 @@ class DecodeAhead(Iterator[TrackJob]):
         self._own = 0.0  # seconds of this stream's audio in flight
         self._guard = threading.Lock()
         self._stopped = False
+        self._lent: LentSlot | None = None
         budget.watch(self._events)
         self._thread = threading.Thread(target=self._produce, name="mess-ai-decode-ahead", daemon=True)
         self._thread.start()
 
     # --- the model's side -------------------------------------------------------------------------------------
+    def lend(self, slot: Callable[[], ContextManager]) -> LentSlot:
+        """``slot`` as the model stage should take it for this stream: given up while this stream waits."""
+        self._lent = LentSlot(slot)
+        return self._lent
+
     def __next__(self) -> TrackJob:
+        if self._lent is not None and self._out.empty():
+            with self._lent.given_up():
+                return self._next()
+        return self._next()
+
+    def _next(self) -> TrackJob:
         activity = self._steps.activity
         before = activity.of(threading.get_ident())
         while True:

@@ -64,6 +64,7 @@ class ModelStage:
         def take() -> Iterator[TrackJob]:
             for job in jobs:
                 taken.append(job)
+                self.activity.set(_model_work_words([j for j in listed or taken if not j.complete]))
                 yield job
 
         try:
