@@ -52,14 +52,14 @@ class _WorkersRss(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="bench-workers-rss", daemon=True)
         self.peak_total_mb = self.peak_workers_mb = 0.0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
         workers: dict[int, Any] = {}
-        while not self._stop.wait(0.02):
+        while not self._done.wait(0.02):
             for child in me.children(recursive=True):
                 if child.pid not in workers:
                     try:
@@ -77,7 +77,7 @@ class _WorkersRss(threading.Thread):
             self.peak_total_mb = max(self.peak_total_mb, total + me.memory_info().rss / 2**20)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
