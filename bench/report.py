@@ -94,3 +94,10 @@ def render(results: list[dict[str, Any]]) -> str:
 def write_docs(results_dir: Path, docs_path: Path) -> None:
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     docs_path.write_text(render(load_results(results_dir)))
+
+
+if __name__ == "__main__":  # `python -m bench.report`: docs/benchmarks.md from bench/results, running nothing
+    from bench.common import DOCS_PATH, RESULTS_DIR
+
+    write_docs(RESULTS_DIR, DOCS_PATH)
+    print(f"Updated {DOCS_PATH} from {RESULTS_DIR}")
