@@ -144,6 +144,11 @@ class ExtractionSession:
     def discovered(self) -> int:
         return self.stats.discovered
 
+    @property
+    def devices(self) -> list[str]:
+        """The devices the model work is spread over, one chunk at a time each ('cuda:0', 'cuda:1', or 'cpu')."""
+        return self.model_stage.devices
+
     def counts(self) -> FileCounts:
         return self.stats.counts()
 

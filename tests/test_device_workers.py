@@ -1,0 +1,123 @@
+"""Model workers, one per GPU of a host, shown on stand-in GPUs (``$MESS_AI_STAND_IN_GPUS``: each is the CPU under a
+name of its own): each chunk's model work runs on a free device and says which, two devices work at once, and two
+runs on one host never have model work on the same device at the same moment, whatever their slots say."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mess_ai.config import ExtractConfig
+from mess_ai.features.device import STAND_IN_GPUS_ENV
+from mess_ai.features.extractor import TrackJob
+from mess_ai.pipeline import ExtractionSession
+from tests.helpers.audio import write_audio
+from tests.helpers.flows import extract_flow
+
+DEVICES = ["stand-in:0", "stand-in:1"]
+
+
+@pytest.fixture
+def two_gpus(monkeypatch) -> None:
+    monkeypatch.setenv(STAND_IN_GPUS_ENV, "2")
+
+
+def prepared(tmp_path: Path, name: str, model: str, files: int = 4) -> tuple[ExtractionSession, list[TrackJob]]:
+    """A session on a store of its own (a run) over ``files`` new files, decoded and ready for the model."""
+    audio = tmp_path / name
+    for i in range(files):
+        write_audio(audio / f"{name}{i}.wav", seconds=2.0, frequency=300 + 40 * i, seed=i)
+    session = ExtractionSession(tmp_path / f"store-{name}", name, ExtractConfig(model=model, device="cuda"))
+    return session, list(session.preprocess(session.validate(session.plan(session.discover(audio)))))
+
+
+def held_open(jobs: list[TrackJob], together: threading.Barrier) -> Iterator[TrackJob]:
+    """``jobs`` as a decoder hands them over, pausing after the first until ``together`` is full (or gives up): the
+    model work consuming them is then in progress. Model work that cannot run at once waits past the pause."""
+    yield jobs[0]
+    try:
+        together.wait(timeout=1.0)
+    except threading.BrokenBarrierError:
+        pass
+    yield from jobs[1:]
+
+
+def extract_at_once(chunks: list[tuple[ExtractionSession, list[TrackJob]]]) -> None:
+    """Each chunk's model work in a thread of its own, as the flow's chunks run, all trying to run at once."""
+    together = threading.Barrier(len(chunks))
+    threads = [threading.Thread(target=session.extract, args=(held_open(jobs, together),))
+               for session, jobs in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
+def overlaps(intervals: list[tuple[float, float, str]]) -> list[tuple]:
+    """Pairs of intervals on the same device that overlap in time."""
+    by_device = defaultdict(list)
+    for start, end, device in intervals:
+        by_device[device].append((start, end))
+    return [(device, a, b) for device, spans in by_device.items()
+            for a, b in zip(sorted(spans), sorted(spans)[1:]) if a[1] > b[0]]
+
+
+def test_two_chunks_run_on_two_devices_at_once_and_each_file_says_which(tmp_path, tiny_model, two_gpus):
+    session, jobs = prepared(tmp_path, "a", tiny_model)
+    assert session.devices == DEVICES
+    try:
+        extract_at_once([(session, jobs[:2]), (session, jobs[2:])])
+        summary = session.summary(tmp_path / "a", 1.0, [])
+    finally:
+        session.close()
+    assert summary.done == 4
+    (start1, end1, device1), (start2, end2, device2) = summary.model_work
+    assert {device1, device2} == set(DEVICES)
+    assert max(start1, start2) < min(end1, end2)  # the two devices' model work overlapped
+    by_file = {o.relative_path: o.device for o in summary.outcomes}
+    assert by_file["a0.wav"] == by_file["a1.wav"] != by_file["a2.wav"] == by_file["a3.wav"]
+    assert summary.files_by_device == {"stand-in:0": 2, "stand-in:1": 2}
+
+
+def test_two_runs_on_one_host_never_share_a_device_even_without_slots(tmp_path, tiny_model, two_gpus):
+    """No concurrency limit at all (as when a limit's slot count is wrong): the devices' host-wide locks alone keep
+    four chunks of two runs, all trying to run at once, to one chunk per device at a time."""
+    runs = [prepared(tmp_path, name, tiny_model) for name in ("a", "b")]
+    try:
+        extract_at_once([(session, part) for session, jobs in runs for part in (jobs[:2], jobs[2:])])
+        summaries = [session.summary(tmp_path, 1.0, []) for session, _ in runs]
+    finally:
+        for session, _ in runs:
+            session.close()
+    intervals = [work for summary in summaries for work in summary.model_work]
+    assert [s.done for s in summaries] == [4, 4] and len(intervals) == 4
+    assert {device for _, _, device in intervals} == set(DEVICES)
+    assert overlaps(intervals) == []
+
+
+def test_two_flow_runs_with_two_slots_each_use_the_host_devices_one_run_at_a_time_per_device(tmp_path, tiny_model,
+                                                                                          two_gpus, prefect_api):
+    results = {}
+
+    def run(name: str) -> None:
+        audio = tmp_path / name
+        for i in range(2):
+            write_audio(audio / f"{name}{i}.wav", seconds=2.0, frequency=200 + 40 * i, seed=i)
+        results[name] = extract_flow(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
+                                     device="cuda", files_per_task=1, gpu_limit="gpu-two-stand-ins", gpu_slots=2,
+                                     retry_delay_seconds=0)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [results[name]["done"] for name in ("a", "b")] == [2, 2]
+    intervals = [tuple(work) for result in results.values() for work in result["model_work"]]
+    assert {device for _, _, device in intervals} == set(DEVICES)
+    assert overlaps(intervals) == []
+    assert {o["device"] for result in results.values() for o in result["outcomes"]} == set(DEVICES)
