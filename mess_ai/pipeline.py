@@ -397,16 +397,44 @@ def run_extraction(
             for suspect in suspects:  # alone: nothing else in flight
                 session.extract(list(session.preprocess([suspect])))
             if others:
-                jobs = session.preprocess(others)
-                if prefetch_depth > 0:
-                    jobs = prefetch(jobs, prefetch_depth, session.abandon)
-                session.extract(jobs)
+                _extract_on_every_device(session, others, prefetch_depth)
             problems = session.check()
         summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
     finally:
         session.close()
     log.info("Done: %s, in %.1f s.", summary.counts.describe(), summary.wall_seconds)
     return summary
+
+
+def _extract_on_every_device(session: ExtractionSession, sources: list[AudioSource], prefetch_depth: int) -> None:
+    """Decode ``sources`` (``prefetch_depth`` files ahead) and run them through the model: one stream of files per
+    device of the session, the files dealt out among them, each stream in a thread of its own."""
+    def stream(part: list[AudioSource]) -> None:
+        jobs = session.preprocess(part)
+        if prefetch_depth > 0:
+            jobs = prefetch(jobs, prefetch_depth, session.abandon)
+        session.extract(jobs)
+
+    streams = min(len(session.devices), len(sources))
+    if streams <= 1:
+        stream(sources)
+        return
+    errors: list[BaseException] = []
+
+    def run(part: list[AudioSource]) -> None:
+        try:
+            stream(part)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(sources[i::streams],), name=f"mess-ai-stream-{i}")
+               for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 async def run_extraction_async(audio_dir: str | Path, store_root: str | Path, **kwargs: Any) -> RunSummary:

@@ -14,7 +14,8 @@ import pytest
 from mess_ai.config import ExtractConfig
 from mess_ai.features.device import STAND_IN_GPUS_ENV
 from mess_ai.features.extractor import TrackJob
-from mess_ai.pipeline import ExtractionSession
+from mess_ai.pipeline import ExtractionSession, run_extraction
+from mess_ai.reporting import summary_table
 from tests.helpers.audio import write_audio
 from tests.helpers.flows import extract_flow
 
@@ -81,6 +82,16 @@ def test_two_chunks_run_on_two_devices_at_once_and_each_file_says_which(tmp_path
     by_file = {o.relative_path: o.device for o in summary.outcomes}
     assert by_file["a0.wav"] == by_file["a1.wav"] != by_file["a2.wav"] == by_file["a3.wav"]
     assert summary.files_by_device == {"stand-in:0": 2, "stand-in:1": 2}
+    measures = {row["measure"]: row["value"] for row in summary_table(summary)}
+    assert measures["files per device (model work)"] == "stand-in:0: 2 files, stand-in:1: 2 files"
+
+
+def test_a_plain_python_run_spreads_its_files_over_every_device(tmp_path, tiny_model, two_gpus):
+    audio = tmp_path / "audio"
+    for i in range(4):
+        write_audio(audio / f"t{i}.wav", seconds=2.0, frequency=300 + 40 * i, seed=i)
+    summary = run_extraction(audio, tmp_path / "store", config=ExtractConfig(model=tiny_model, device="cuda"))
+    assert summary.done == 4 and summary.files_by_device == {"stand-in:0": 2, "stand-in:1": 2}
 
 
 def test_two_runs_on_one_host_never_share_a_device_even_without_slots(tmp_path, tiny_model, two_gpus):
