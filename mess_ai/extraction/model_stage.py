@@ -47,6 +47,7 @@ class ModelStage:
         self.loader, self.stats, self.activity = loader, stats, activity
         self.devices = host_model_devices(config.device)
         self._workers: dict[str, ModelWorker] = {}
+        self._loading: dict[str, threading.Lock] = {}
         self._host_locks: dict[str, str | None] | None = None
         self._lock = threading.Lock()
 
@@ -55,18 +56,22 @@ class ModelStage:
         return bool(self._workers)
 
     def model(self) -> LoadedModel:
-        """The first device's model, loaded on first use only (a run with nothing new never loads it): the one the
-        checks before model work and the decoding (its sampling rate) go by."""
+        """The first device's model, loaded on first use only (a run with nothing new never loads it), before any
+        other device's: the one the checks before model work and the decoding (its sampling rate) go by."""
         return self._worker(self.devices[0]).model
 
     def _worker(self, device: str) -> ModelWorker:
+        """``device``'s worker, its model loaded on first use. Each device loads under a lock of its own, so the
+        chunks working on loaded devices never wait for another device's model to load."""
         with self._lock:
+            loading = self._loading.setdefault(device, threading.Lock())
+        with loading:
             worker = self._workers.get(device)
             if worker is None:
                 # The config as this worker runs it: on its own device.
                 config = self.config.model_copy(update={"device": torch_device(device)})
                 model = load_model(config, self.identity, self.precision, self.store.dataset, self.loader)
-                if not self._workers:
+                if device == self.devices[0]:  # the first model loaded (see ``model``)
                     provenance = build_provenance(self.config, model, self.key, self.precision, self.identity)
                     if self.store.read_provenance() != provenance:
                         self.store.write_provenance(provenance)
