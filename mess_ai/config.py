@@ -28,7 +28,9 @@ class ExtractConfig(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory of the model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; empty for the "
                                                    "default branch. The commit it resolves to is recorded.")
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. cuda (and "
+                                            "auto with CUDA) runs the model on every GPU the process sees "
+                                            "(CUDA_VISIBLE_DEVICES), one model copy each; cuda:N on that GPU only.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: the dataset's own precision once it has features, else bf16 autocast on CUDA "
                             "and fp32 elsewhere.")

@@ -36,21 +36,23 @@ def prepared(tmp_path: Path, name: str, model: str, files: int = 4) -> tuple[Ext
     return session, list(session.preprocess(session.validate(session.plan(session.discover(audio)))))
 
 
-def held_open(jobs: list[TrackJob], together: threading.Barrier) -> Iterator[TrackJob]:
-    """``jobs`` as a decoder hands them over, pausing after the first until ``together`` is full (or gives up): the
-    model work consuming them is then in progress. Model work that cannot run at once waits past the pause."""
+def held_open(jobs: list[TrackJob], together: threading.Barrier, patience: float) -> Iterator[TrackJob]:
+    """``jobs`` as a decoder hands them over, pausing after the first until ``together`` is full (or ``patience``
+    seconds have passed): the model work consuming them is then in progress. Model work that cannot run at once
+    waits past the pause."""
     yield jobs[0]
     try:
-        together.wait(timeout=1.0)
+        together.wait(timeout=patience)
     except threading.BrokenBarrierError:
         pass
     yield from jobs[1:]
 
 
-def extract_at_once(chunks: list[tuple[ExtractionSession, list[TrackJob]]]) -> None:
-    """Each chunk's model work in a thread of its own, as the flow's chunks run, all trying to run at once."""
+def extract_at_once(chunks: list[tuple[ExtractionSession, list[TrackJob]]], patience: float) -> None:
+    """Each chunk's model work in a thread of its own, as the flow's chunks run, all trying to be in model work at
+    once for up to ``patience`` seconds."""
     together = threading.Barrier(len(chunks))
-    threads = [threading.Thread(target=session.extract, args=(held_open(jobs, together),))
+    threads = [threading.Thread(target=session.extract, args=(held_open(jobs, together, patience),))
                for session, jobs in chunks]
     for thread in threads:
         thread.start()
@@ -71,7 +73,7 @@ def test_two_chunks_run_on_two_devices_at_once_and_each_file_says_which(tmp_path
     session, jobs = prepared(tmp_path, "a", tiny_model)
     assert session.devices == DEVICES
     try:
-        extract_at_once([(session, jobs[:2]), (session, jobs[2:])])
+        extract_at_once([(session, jobs[:2]), (session, jobs[2:])], patience=10.0)  # at once, unless broken
         summary = session.summary(tmp_path / "a", 1.0, [])
     finally:
         session.close()
@@ -99,7 +101,7 @@ def test_two_runs_on_one_host_never_share_a_device_even_without_slots(tmp_path, 
     four chunks of two runs, all trying to run at once, to one chunk per device at a time."""
     runs = [prepared(tmp_path, name, tiny_model) for name in ("a", "b")]
     try:
-        extract_at_once([(session, part) for session, jobs in runs for part in (jobs[:2], jobs[2:])])
+        extract_at_once([(session, part) for session, jobs in runs for part in (jobs[:2], jobs[2:])], patience=1.0)
         summaries = [session.summary(tmp_path, 1.0, []) for session, _ in runs]
     finally:
         for session, _ in runs:
