@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect.context import SyncClientContext
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 
 from mess_ai.audio import AudioSource
@@ -77,6 +78,9 @@ def ensure_concurrency_limit(name: str, slots: int | None, devices: list[str]) -
 GPU_LEASE_SECONDS = 60
 # How long a run waits for the API to come back to take its GPU slot (a server restart takes ~10 s).
 SLOT_RETRY_SECONDS = 300.0
+# A slot not granted within this long is asked for again, unless the run gave its slots back meanwhile: a request
+# of a run that has ended does not wait in the API's queue for long.
+SLOT_WAIT_SECONDS = 10.0
 
 
 def _logger() -> Any:
@@ -136,13 +140,17 @@ class _SlotHolder(threading.Thread):
         self.context.run(self._hold)
 
     def _hold(self) -> None:
+        # Prefect's calls here open clients of their own rather than use the flow run's: a slot granted as the run
+        # ends (its client closed) is still renewed and given back.
+        SyncClientContext.__var__.set(None)
         delay, waited = 1.0, 0.0
         try:
             while True:
                 try:
                     # A short lease: a run killed while holding the slot blocks the others for a minute, not
                     # Prefect's default five; while this thread lives, Prefect renews the lease in the background.
-                    with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+                    with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS,
+                                     timeout_seconds=SLOT_WAIT_SECONDS):
                         self.held = self.was_held = True
                         self.settled.set()
                         self.on_change(self)
@@ -152,6 +160,10 @@ class _SlotHolder(threading.Thread):
                             pass
                     return
                 except BaseException as exc:  # noqa: BLE001 - handed to the chunk that waits for the slot
+                    if isinstance(exc, TimeoutError) and not self.held:  # not granted yet: ask again
+                        if self._released.is_set():
+                            return
+                        continue
                     self.failed_attempts += 1
                     if self.held or self._released.is_set() or not api_unreachable(exc) \
                             or waited >= SLOT_RETRY_SECONDS:
@@ -190,7 +202,8 @@ class GpuSlot:
     one request in the API's queue, not one per device (each waiting request lengthens the API's retry interval for
     every waiter). A killed run stops renewing its leases, so its slots free themselves within
     ``GPU_LEASE_SECONDS``; a lease that cannot be renewed (the API gone) ends that hold, and it is taken again.
-    Without a limit, the device locks alone keep model work apart.
+    Without a limit, the device locks alone keep model work apart, and so they do for a chunk that outlived its
+    run (a stuck one let go after ``release``): it runs without a slot, the run's being given back.
     """
 
     def __init__(self, name: str | None, workers: int = 1) -> None:
@@ -202,10 +215,11 @@ class GpuSlot:
         self._context = contextvars.copy_context()
         self._holders: list[_SlotHolder] = []
         self._lent: set[_SlotHolder] = set()  # the slots a chunk's model work is using now
+        self._released = False
 
     def take(self) -> None:
         """Start taking the run's slots, unless they are held or being taken; returns at once."""
-        if self.name:
+        if self.name and not self._released:
             with self._changed:
                 self._fill()
 
@@ -229,7 +243,7 @@ class GpuSlot:
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         """Model work of one chunk: one of the run's slots, free of other chunks (taken now unless held)."""
-        if not self.name:
+        if not self.name or self._released:
             yield
             return
         holder = self._borrow()
@@ -259,6 +273,7 @@ class GpuSlot:
         """Give the run's slots back (at the end of its chunks)."""
         with self._changed:
             holders, self._holders = self._holders, []
+            self._released = True
         for holder in holders:
             holder.stop()
 
