@@ -59,10 +59,10 @@ def layer_cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return (dot / np.maximum(norms, 1e-12)).min(axis=0)
 
 
-def busy_share(model_work: list[tuple[float, float]], wall_seconds: float) -> float:
+def busy_share(model_work: list[tuple[float, float, str]], wall_seconds: float) -> float:
     """Share of ``wall_seconds`` covered by the union of the model-work intervals (wall-clock start, end)."""
     busy, reach = 0.0, float("-inf")
-    for start, end in sorted(model_work):
+    for start, end, _device in sorted(model_work):
         if end > reach:
             busy += end - max(start, reach)
             reach = end

@@ -31,6 +31,10 @@ def print_summary(summary: Any, out: Any = None) -> None:
           + (f" ({rtf:.1f}x real time)" if rtf else ""))
     elif not summary.model_loaded:
         p("  nothing new to extract: the model was not loaded")
+    if len(summary.files_by_device) > 1:
+        from mess_ai.reporting import describe_devices
+
+        p(f"  model work on {len(summary.files_by_device)} devices: {describe_devices(summary.files_by_device)}")
     if summary.failures:
         p("  failed files:")
         for f in summary.failures:

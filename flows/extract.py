@@ -87,11 +87,15 @@ def extract_features(
             pending = discover_files(quote(session), audio_dir, only_failed, files, limits)
             valid = _validate(session, pending, limits) if pending else []
             if valid:
+                # One model worker per device, at most as many as the limit has slots (a limit of none, paused by
+                # an operator, still has one waiting).
+                workers = len(session.devices)
                 if gpu_limit:
-                    ensure_concurrency_limit(gpu_limit, run.gpu_slots)
+                    slots = ensure_concurrency_limit(gpu_limit, run.gpu_slots, session.devices)
+                    workers = max(1, min(workers, slots))
                 suspects, others = session.isolate(valid)
                 chunks = [[suspect] for suspect in suspects] + (chunk_sources(
-                    others, balanced_files_per_chunk(len(others), run.files_per_task),
+                    others, balanced_files_per_chunk(len(others), run.files_per_task, workers + 1),
                     run.minutes_per_task * 60 if run.minutes_per_task else None, session.durations) if others else [])
                 chunk_limits = [limits.chunk(sum(session.durations.get(s.track_id, 0.0) for s in chunk), len(chunk))
                                 for chunk in chunks]
@@ -99,7 +103,8 @@ def extract_features(
                 logger.info("Time limits: %s per chunk, %.1f h for the run.",
                             ", ".join(f"{c:.0f} s" for c in chunk_limits[:4]) + (" ..." if len(chunks) > 4 else ""),
                             run_limit / 3600)
-                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), GpuSlot(gpu_limit),
+                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)),
+                                          GpuSlot(gpu_limit, workers),
                                           Deadline(run_limit, elapsed=time.perf_counter() - started),
                                           alone=len(suspects))
             if stopped is None:
@@ -123,13 +128,14 @@ def extract_features(
     return result
 
 
-def balanced_files_per_chunk(files: int, files_per_task: int) -> int:
-    """Files per chunk: at most ``files_per_task``, as even as the count allows, and at least two chunks for two
-    files or more, so the two chunks in flight share the work (20 files, 16 per task: two chunks of 10, not 16
-    and 4, which left one of the two cores idle while the 16 decoded)."""
+def balanced_files_per_chunk(files: int, files_per_task: int, in_flight: int = 2) -> int:
+    """Files per chunk: at most ``files_per_task``, as even as the count allows, and at least as many chunks as
+    run at once (``in_flight``, one per device plus one decoding) when there are files enough, so the chunks in
+    flight share the work (20 files, 16 per task, one device: two chunks of 10, not 16 and 4, which left one of the
+    two cores idle while the 16 decoded)."""
     if files_per_task < 1:
         raise ValueError(f"files per task must be at least 1, got {files_per_task}")
-    chunks = max(2 if files >= 2 else 1, -(-files // files_per_task))
+    chunks = max(min(files, in_flight), -(-files // files_per_task), 1)
     return max(1, -(-files // chunks))
 
 
@@ -150,9 +156,10 @@ def _record_timeout(session: ExtractionSession, timeout: StageTimeout, sources: 
 
 def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tuple[list, float]], slot: GpuSlot,
                     deadline: Deadline, alone: int = 0) -> BaseException | None:
-    """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at most
-    two chunks of decoded audio whatever the number of files. The first ``alone`` chunks (one suspect file each: see
-    ``ExtractionSession.isolate``) run one at a time, with nothing else in flight. The run's GPU slot is taken as
+    """Run one chunk more at a time than the run has devices (``slot.workers``: two for one device), so a chunk's
+    decoding overlaps the others' model work and every device is kept fed, and memory holds at most that many
+    chunks of decoded audio whatever the number of files. The first ``alone`` chunks (one suspect file each: see
+    ``ExtractionSession.isolate``) run one at a time, with nothing else in flight. The run's GPU slots are taken as
     the first chunks start decoding, and given back after the last chunk, or when the run stops.
 
     Returns what stopped the run (the model or store unusable, a chunk or the run past its time limit), or None.
@@ -181,11 +188,11 @@ def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tu
                 fatal = fatal or error  # the run cannot go on: the flow fails
         update_progress(progress_id, session.counts())
 
-    slot.take()  # before any API call of our own: the API is slow to grant it while it records task runs
+    slot.take()  # before any API call of our own: the API is slow to grant slots while it records task runs
     try:
         progress_id = start_progress(session.store.dataset, session.counts())
         for index, (chunk, limit) in enumerate(chunks):
-            while len(in_flight) == 2 or (in_flight and index <= alone):
+            while len(in_flight) == slot.workers + 1 or (in_flight and index <= alone):
                 settle(*in_flight.pop(0))
             if fatal is None and deadline.passed():
                 fatal = StageTimeout("the run", deadline.seconds,

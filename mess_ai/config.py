@@ -28,7 +28,9 @@ class ExtractConfig(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory of the model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; empty for the "
                                                    "default branch. The commit it resolves to is recorded.")
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. cuda (and "
+                                            "auto with CUDA) runs the model on every GPU the process sees "
+                                            "(CUDA_VISIBLE_DEVICES), one model copy each; cuda:N on that GPU only.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: the dataset's own precision once it has features, else bf16 autocast on CUDA "
                             "and fp32 elsewhere.")
@@ -109,26 +111,30 @@ class ExtractConfig(BaseModel):
 
 
 class RunOptions(BaseModel):
-    """How an extraction run goes: the size of its chunks of work, its GPU concurrency slot, its retries and its
+    """How an extraction run goes: the size of its chunks of work, its GPU concurrency slots, its retries and its
     time limits. None of it changes the features."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     files_per_task: int = Field(16, ge=1, description="At most this many files per extraction task (a chunk); the "
-                                                      "files are spread evenly over the chunks, at least two of "
-                                                      "them for two files or more.")
+                                                      "files are spread evenly over the chunks, at least one "
+                                                      "more of them than the run has devices (two for one) when "
+                                                      "there are files enough.")
     minutes_per_task: float | None = Field(
         60.0, gt=0, description="Also cap a chunk at about this much audio (a longer file makes a chunk of its "
-                                "own): the flow's memory holds two chunks of decoded audio, about 5.8 MB per audio "
-                                "minute at 24 kHz; empty for no cap.")
+                                "own): the flow's memory holds one chunk of decoded audio more than the run has "
+                                "devices (two for one), about 5.8 MB per audio minute at 24 kHz; empty for no "
+                                "cap.")
     decode_workers: int | None = Field(
         None, ge=0, description="Processes that decode audio ahead of the model. 0: decode in the run's own process "
                                 "(a thread per chunk in flight). Empty: 4 per GPU, capped by the cores less one; 0 on "
                                 "a CPU, where the model is hundreds of times slower than decoding.")
     gpu_limit: str = Field("gpu", description="Name of the Prefect global concurrency limit the run holds for its "
-                                              "model work; empty for none. '{host}' in it is replaced by this "
-                                              "machine's host name (one limit per GPU host: 'gpu:{host}').")
-    gpu_slots: int = Field(1, ge=1, description="Slots of that limit, used when the flow has to create it.")
+                                              "model work, one slot per GPU it uses; empty for none. '{host}' "
+                                              "in it is replaced by this machine's host name (one limit per GPU "
+                                              "host: 'gpu:{host}').")
+    gpu_slots: int | None = Field(None, ge=1, description="Slots of that limit, used when the flow has to create it; "
+                                                         "empty: as many as this host has GPUs (at least 1).")
     retries: int = Field(3, ge=0, description="Retries of a chunk whose files failed for transient reasons (I/O, "
                                               "GPU memory).")
     retry_delay_seconds: float = Field(10.0, ge=0, description="First retry delay; it doubles each retry, with "

@@ -97,7 +97,7 @@ class ExtractionSession:
         # when one kills the process again, no other file's attempt dies with it (see ``isolate``).
         self.suspects: set[str] = set()
         self._lock = threading.Lock()
-        self.decode_workers = (default_decode_workers(device.type, _gpus(device), usable_cpus())
+        self.decode_workers = (default_decode_workers(device.type, len(self.model_stage.devices), usable_cpus())
                                if decode_workers is None else decode_workers)
         self.budget = AudioBudget(budget_seconds(self.decode_workers))
         self._pool: DecodePool | None = None
@@ -124,6 +124,11 @@ class ExtractionSession:
     @property
     def discovered(self) -> int:
         return self.stats.discovered
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices the model work is spread over, one chunk at a time each ('cuda:0', 'cuda:1', or 'cpu')."""
+        return self.model_stage.devices
 
     def counts(self) -> FileCounts:
         return self.stats.counts()
@@ -349,8 +354,6 @@ class ExtractionSession:
         (``decode_ahead``) give it up while they wait for the next decoded file. Every track it was handed is given
         back, whatever stops it (see ``ModelStage.extract``).
         """
-        if isinstance(jobs, DecodeAhead):
-            slot = jobs.lend(slot)  # given up while the stream waits for decoding
         return self.model_stage.extract(jobs, slot)
 
     def record_timeout(self, timeout: StageTimeout, source: AudioSource) -> FileOutcome:
@@ -365,15 +368,6 @@ class ExtractionSession:
             self.activity.set(f"checking the store {self.store.root}")
             check_dataset(self.store, report, check_values=False)
         return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
-
-
-def _gpus(device: Any) -> int:
-    """GPUs a run on ``device`` may use: every CUDA device for ``cuda`` without an index, else one."""
-    if device.type == "cuda" and device.index is None:
-        import torch
-
-        return torch.cuda.device_count()
-    return 0 if device.type == "cpu" else 1
 
 
 def chunk_sources(sources: list[AudioSource], files_per_chunk: int, seconds_per_chunk: float | None = None,
@@ -443,13 +437,41 @@ def run_extraction(
             for suspect in suspects:  # alone: nothing else in flight
                 session.extract(session.decode_ahead([suspect]))
             if others:
-                session.extract(session.decode_ahead(others))
+                _extract_on_every_device(session, others)
             problems = session.check()
         summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
     finally:
         session.close()
     log.info("Done: %s, in %.1f s.", summary.counts.describe(), summary.wall_seconds)
     return summary
+
+
+def _extract_on_every_device(session: ExtractionSession, sources: list[AudioSource]) -> None:
+    """Decode ``sources`` ahead of the model and run them through it: one stream of files per device of the
+    session, the files dealt out among them, each stream in a thread of its own."""
+    def stream(part: list[AudioSource]) -> None:
+        session.extract(session.decode_ahead(part))
+
+    streams = min(len(session.devices), len(sources))
+    if streams <= 1:
+        stream(sources)
+        return
+    errors: list[BaseException] = []
+
+    def run(part: list[AudioSource]) -> None:
+        try:
+            stream(part)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(sources[i::streams],), name=f"mess-ai-stream-{i}")
+               for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 async def run_extraction_async(audio_dir: str | Path, store_root: str | Path, **kwargs: Any) -> RunSummary:

@@ -35,8 +35,14 @@ def summary_table(summary: RunSummary) -> list[dict[str, Any]]:
         ("wall time (s)", round(summary.wall_seconds, 2)),
         ("real-time factor (audio s per wall s)", round(rtf, 1) if rtf else "n/a"),
         ("model loaded", "yes" if summary.model_loaded else "no (nothing new)"),
+        ("files per device (model work)", describe_devices(summary.files_by_device) or "none"),
     ]
     return [{"measure": name, "value": value} for name, value in rows]
+
+
+def describe_devices(files_by_device: dict[str, int]) -> str:
+    """'cuda:0: 12 files, cuda:1: 11 files': where the model work of a run's files ran."""
+    return ", ".join(f"{device}: {count} file{'s' if count != 1 else ''}" for device, count in files_by_device.items())
 
 
 def progress_report(counts: FileCounts) -> tuple[float, str]:
@@ -79,12 +85,15 @@ def gpu_markdown(summary: RunSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def failures_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Manifest rows of failed files → what a person reads: file, stage, reason, attempts, last attempt."""
+def failures_table(rows: list[dict[str, Any]], devices: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Manifest rows of failed files → what a person reads: file, stage, reason, attempts, last attempt, and the
+    device its model work ran on when it failed there in this run (``devices``: by relative path)."""
+    devices = devices or {}
     return [{"file": r["relative_path"], "stage": r["failure_stage"], "reason": r["error_message"],
              "attempts": r["attempts"],
              "last attempt (UTC)": r["last_attempt_at"].strftime("%Y-%m-%d %H:%M:%S") if r["last_attempt_at"] else "",
-             "retried next run": "no (same bytes)" if r["permanent"] else "yes"} for r in rows]
+             "retried next run": "no (same bytes)" if r["permanent"] else "yes",
+             "device": devices.get(r["relative_path"], "")} for r in rows]
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:

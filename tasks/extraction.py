@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 from prefect import get_run_logger, task
@@ -18,11 +18,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect.context import SyncClientContext
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 
 from mess_ai.audio import AudioSource
 from mess_ai.deadline import TimeLimits, run_within
 from mess_ai.errors import InputError, MessError, TrackBusyError
+from mess_ai.features.device import visible_gpus
 from mess_ai.pipeline import ExtractionSession, FileOutcome
 
 
@@ -46,10 +48,12 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return type(exc).__name__ == "OutOfMemoryError"
 
 
-def ensure_concurrency_limit(name: str, slots: int) -> None:
-    """Create the global concurrency limit ``name`` with ``slots`` slots unless it exists (then it is left as
-    an operator may have set it in the UI)."""
+def ensure_concurrency_limit(name: str, slots: int | None, devices: list[str]) -> int:
+    """Create the global concurrency limit ``name`` with ``slots`` slots (None: as many as this host has GPUs, at
+    least one) unless it exists (then it is left as an operator may have set it in the UI); returns its slots. A
+    limit with fewer slots than the run has ``devices`` lets it use only that many at once: the log says so."""
     logger = get_run_logger()
+    slots = slots or max(1, visible_gpus())
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
@@ -59,15 +63,23 @@ def ensure_concurrency_limit(name: str, slots: int) -> None:
                 logger.info("Created the concurrency limit '%s' with %d slot(s) for model work.", name, slots)
             except ObjectAlreadyExists:
                 pass  # another run created it at the same moment
-            return
-    if existing.limit != slots:
+            return slots
+    if existing.limit < len(devices):
+        logger.warning("Concurrency limit '%s' has %d slot(s): this run does model work on at most %d of its %d "
+                       "devices (%s) at a time. To use them all, raise its slots in the UI (Concurrency).", name,
+                       existing.limit, existing.limit, len(devices), ", ".join(devices))
+    elif existing.limit != slots:
         logger.info("Concurrency limit '%s' exists with %d slot(s); keeping it (asked for %d).", name,
                     existing.limit, slots)
+    return existing.limit
 
 
 GPU_LEASE_SECONDS = 60
 # How long a run waits for the API to come back to take its GPU slot (a server restart takes ~10 s).
 SLOT_RETRY_SECONDS = 300.0
+# A slot not granted within this long is asked for again, unless the run gave its slots back meanwhile: a request
+# of a run that has ended does not wait in the API's queue for long.
+SLOT_WAIT_SECONDS = 10.0
 
 
 def _logger() -> Any:
@@ -89,13 +101,6 @@ def api_unreachable(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-_local_locks: dict[str, threading.Lock] = {}
-_local_locks_guard = threading.Lock()
-
-
-def _local_lock(name: str | None) -> threading.Lock:
-    with _local_locks_guard:
-        return _local_locks.setdefault(name or "", threading.Lock())
 
 
 class _SlotHolder(threading.Thread):
@@ -104,37 +109,60 @@ class _SlotHolder(threading.Thread):
     Prefect's ``concurrency`` context has to be left by the thread that entered it (it watches that thread, to
     cancel it when the lease cannot be renewed), while a run's chunks run in Prefect's worker threads: so the slot
     has a thread of its own. It runs in the flow's context (Prefect's settings and run live in context variables).
+    ``on_change`` is called with the holder whenever the slot is taken or the hold ends.
     """
 
-    def __init__(self, limit: str, context: contextvars.Context) -> None:
+    def __init__(self, limit: str, context: contextvars.Context,
+                 on_change: Callable[["_SlotHolder"], None]) -> None:
         super().__init__(name=f"mess-ai-gpu-slot-{limit}", daemon=True)
         self.limit = limit
         self.context = context
+        self.on_change = on_change
         self.held = False
+        self.was_held = False
         self.settled = threading.Event()  # the slot is held, or will not be (error)
         self.error: BaseException | None = None
         self.failed_attempts = 0
         self._released = threading.Event()
 
+    @property
+    def gave_up(self) -> bool:
+        """Never held its slot, and stopped trying (``error`` says why)."""
+        return self.settled.is_set() and not self.was_held and self.error is not None
+
+    @property
+    def lost(self) -> bool:
+        """Held its slot, and lost it without being stopped (a lease that could not be renewed)."""
+        return self.settled.is_set() and self.was_held and not self.held and not self._released.is_set()
+
     def run(self) -> None:
         self.context.run(self._hold)
 
     def _hold(self) -> None:
+        # Prefect's calls here open clients of their own rather than use the flow run's: a slot granted as the run
+        # ends (its client closed) is still renewed and given back.
+        SyncClientContext.__var__.set(None)
         delay, waited = 1.0, 0.0
         try:
             while True:
                 try:
                     # A short lease: a run killed while holding the slot blocks the others for a minute, not
                     # Prefect's default five; while this thread lives, Prefect renews the lease in the background.
-                    with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
-                        self.held = True
+                    with concurrency(self.limit, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS,
+                                     timeout_seconds=SLOT_WAIT_SECONDS):
+                        self.held = self.was_held = True
                         self.settled.set()
+                        self.on_change(self)
                         # Woken every second: when the lease cannot be renewed, Prefect cancels this thread with
                         # an exception raised at its next bytecode, which a wait without a timeout never reaches.
                         while not self._released.wait(1.0):
                             pass
                     return
                 except BaseException as exc:  # noqa: BLE001 - handed to the chunk that waits for the slot
+                    if isinstance(exc, TimeoutError) and not self.held:  # not granted yet: ask again
+                        if self._released.is_set():
+                            return
+                        continue
                     self.failed_attempts += 1
                     if self.held or self._released.is_set() or not api_unreachable(exc) \
                             or waited >= SLOT_RETRY_SECONDS:
@@ -142,13 +170,14 @@ class _SlotHolder(threading.Thread):
                         return
                     # The API is away (a server restart takes seconds): wait for it rather than fail the run.
                     _logger().warning("The Prefect API is unreachable; trying again in %.0f s to take the "
-                                             "'%s' concurrency slot.", delay, self.limit)
+                                      "'%s' concurrency slot.", delay, self.limit)
                     self._released.wait(delay)
                     waited += delay
                     delay = min(2 * delay, 30.0)
         finally:
             self.held = False
             self.settled.set()
+            self.on_change(self)
 
     def stop(self) -> None:
         """Give the slot back; waits for that only when the slot is held (not while still queueing for it)."""
@@ -158,56 +187,93 @@ class _SlotHolder(threading.Thread):
 
 
 class GpuSlot:
-    """The model for one flow run's chunks, one chunk at a time.
+    """The slots of one flow run's model work: ``workers`` slots of a Prefect concurrency limit, one per device
+    worker (the run's devices, see ``ExtractionSession.devices``, at most as many as the limit has), each lent to
+    one chunk's model work at a time. Which device that chunk's model work runs on, the core decides: a free one,
+    under the device's host-wide lock (``mess_ai.features.device_locks``), since Prefect's slots are only counts.
 
-    Chunks of this process queue on a local lock, so they hand the model to each other at once. With a limit
-    ``name``, the run first takes one slot of that Prefect concurrency limit, which other processes and machines
-    share, and holds it across its chunks until ``release``: the API grants it in milliseconds when idle, but
-    takes up to 2 s while it records the run's task runs, which taken per chunk was a third of the flow's own cost
-    per audio hour (docs/benchmarks.md, overhead). ``take`` starts taking it in the background, so the wait
-    overlaps the first chunks' decoding. Two runs still never do model work at once: the second waits for the
-    first's release. A killed run stops renewing its lease, so its slot frees itself within ``GPU_LEASE_SECONDS``;
-    a lease that cannot be renewed (the API gone) ends the hold, and the next chunk takes the slot again.
+    With a limit ``name``, the run takes its slots of that limit, which other processes and machines share, each on
+    a thread of its own, and holds them across its chunks until ``release``: the API grants a slot in milliseconds
+    when idle, but takes up to 2 s while it records the run's task runs, which taken per chunk was a third of the
+    flow's own cost per audio hour (docs/benchmarks.md, overhead). ``take`` starts taking them in the background,
+    so the wait overlaps the first chunks' decoding; a chunk starts its model work on the first slot held and free.
+    The slots are taken one after another, each once the one before is held: a run waiting for a busy limit keeps
+    one request in the API's queue, not one per device (each waiting request lengthens the API's retry interval for
+    every waiter). A killed run stops renewing its leases, so its slots free themselves within
+    ``GPU_LEASE_SECONDS``; a lease that cannot be renewed (the API gone) ends that hold, and it is taken again.
+    Without a limit, the device locks alone keep model work apart, and so they do for a chunk that outlived its
+    run (a stuck one let go after ``release``): it runs without a slot, the run's being given back.
     """
 
-    def __init__(self, name: str | None) -> None:
+    def __init__(self, name: str | None, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"a run has at least one device worker, got {workers}")
         self.name = name or None
-        self._local = _local_lock(self.name)
-        self._guard = threading.Lock()
+        self.workers = workers
+        self._changed = threading.Condition()
         self._context = contextvars.copy_context()
-        self._holder: _SlotHolder | None = None
+        self._holders: list[_SlotHolder] = []
+        self._lent: set[_SlotHolder] = set()  # the slots a chunk's model work is using now
+        self._released = False
 
     def take(self) -> None:
-        """Start taking the run's slot, unless it is held or being taken; returns at once."""
-        if self.name:
-            self._current()
+        """Start taking the run's slots, unless they are held or being taken; returns at once."""
+        if self.name and not self._released:
+            with self._changed:
+                self._fill()
 
-    def _current(self) -> _SlotHolder:
-        with self._guard:
-            if self._holder is None or (self._holder.settled.is_set() and not self._holder.held):
-                if self._holder is not None and self._holder.error is not None:
-                    _logger().warning("Lost the '%s' concurrency slot (%s); taking it again.", self.name,
-                                             self._holder.error)
-                self._holder = _SlotHolder(self.name, self._context.copy())
-                self._holder.start()
-            return self._holder
+    def _fill(self) -> None:
+        """Start taking the next slot once every holder holds its own, up to one per worker; holders that lost
+        their slot are replaced (called with ``_changed`` held)."""
+        for holder in [h for h in self._holders if h.lost]:
+            _logger().warning("Lost a '%s' concurrency slot (%s); taking it again.", self.name, holder.error)
+            self._holders.remove(holder)
+        if len(self._holders) < self.workers and all(h.held for h in self._holders):
+            holder = _SlotHolder(self.name, self._context.copy(), self._changed_holder)
+            self._holders.append(holder)
+            holder.start()
+
+    def _changed_holder(self, holder: _SlotHolder) -> None:
+        with self._changed:
+            if holder in self._holders:  # not one given back by ``release``
+                self._fill()
+            self._changed.notify_all()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        """Model work of one chunk: the run's slot (taken now unless held), then this process's lock."""
-        if self.name:
-            holder = self._current()
-            holder.settled.wait()
-            if not holder.held and holder.error is not None:
-                raise holder.error
-        with self._local:
+        """Model work of one chunk: one of the run's slots, free of other chunks (taken now unless held)."""
+        if not self.name or self._released:
             yield
+            return
+        holder = self._borrow()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._lent.discard(holder)
+                self._changed.notify_all()
+
+    def _borrow(self) -> _SlotHolder:
+        """A slot held and not lent, waiting for one; raises what stopped the taking of a slot when none is held."""
+        with self._changed:
+            while True:
+                self._fill()
+                for holder in self._holders:
+                    if holder.held and holder not in self._lent:
+                        self._lent.add(holder)
+                        return holder
+                for holder in [h for h in self._holders if h.gave_up]:
+                    self._holders.remove(holder)  # the next chunk tries again
+                    if not any(h.held for h in self._holders):
+                        raise holder.error
+                self._changed.wait()
 
     def release(self) -> None:
-        """Give the run's slot back (at the end of its chunks)."""
-        with self._guard:
-            holder, self._holder = self._holder, None
-        if holder is not None:
+        """Give the run's slots back (at the end of its chunks)."""
+        with self._changed:
+            holders, self._holders = self._holders, []
+            self._released = True
+        for holder in holders:
             holder.stop()
 
 

@@ -51,9 +51,9 @@ def publish_run_artifacts(summary: RunSummary, store: FeatureStore) -> None:
     create_markdown_artifact(gpu_markdown(summary), key=artifact_key(dataset, "gpu"),
                              description="GPU device, memory and utilisation")
     failed = store.manifest.rows(dataset, FAILED)
-    rows = failures_table(failed)
+    rows = failures_table(failed, {o.relative_path: o.device for o in summary.failures if o.device})
     create_table_artifact(rows or [{"file": "(none)", "stage": "", "reason": "no failed files", "attempts": 0,
-                                    "last attempt (UTC)": "", "retried next run": ""}],
+                                    "last attempt (UTC)": "", "retried next run": "", "device": ""}],
                           key=artifact_key(dataset, "failed-files"),
                           description=f"{len(rows)} failed files in dataset {dataset}: stage, reason, attempts")
 

@@ -15,6 +15,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 import mess_ai.extraction.steps
 from flows.extract import balanced_files_per_chunk
 from mess_ai.audio import discover_audio
+from mess_ai.features.device import STAND_IN_GPUS_ENV
 from cli.report import print_summary
 from mess_ai.pipeline import RunSummary
 from mess_ai.reporting import artifact_key
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 def run_flow(audio, store, model, **kwargs):
     kwargs.setdefault("retry_delay_seconds", 0)
-    return extract_flow(audio_dir=str(audio), store=str(store), model=model, device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    return extract_flow(audio_dir=str(audio), store=str(store), model=model, **kwargs)
 
 
 def latest_artifact(key):
@@ -199,14 +201,17 @@ def test_unloadable_model_fails_the_run(tmp_path):
     assert state.is_failed()
 
 
-def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model):
+def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model, monkeypatch):
+    """Two runs on a host of two (stand-in) GPUs, a limit of one slot: their model work takes turns, one chunk at a
+    time over both runs."""
+    monkeypatch.setenv(STAND_IN_GPUS_ENV, "2")
     results = {}
 
     def one(name):
         audio = tmp_path / name
         for i in range(4):
             write_audio(audio / f"t{i}.wav", seconds=6.0, frequency=200 + 40 * i, seed=i)
-        results[name] = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=1,
+        results[name] = run_flow(audio, tmp_path / "store", tiny_model, device="cuda", files_per_task=1,
                                  gpu_limit="gpu-overlap-test", gpu_slots=1)
 
     threads = [threading.Thread(target=one, args=(name,)) for name in ("a", "b")]
@@ -216,7 +221,7 @@ def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model):
         t.join(timeout=300)
     intervals = sorted(w for r in results.values() for w in r["model_work"])
     assert len(intervals) == 8 and all(r["done"] == 4 for r in results.values())
-    for (start1, end1), (start2, end2) in zip(intervals, intervals[1:]):
+    for (start1, end1, _), (start2, end2, _) in zip(intervals, intervals[1:]):
         assert end1 <= start2, f"model work overlapped: {end1} > {start2}"
 
 

@@ -260,7 +260,8 @@ def test_sharded_run_on_two_workers_extracts_each_file_once(tmp_path, tiny_model
     assert not [(a, b) for a, b in zip(holds, holds[1:]) if b[0] < a[1]], f"two shards held the slot: {holds}"
     # so the model work of the four shard processes (wall-clock intervals, each inside its run's hold) never
     # overlaps,
-    intervals = sorted((begin, end, child_ids[i]) for i, s in enumerate(summaries) for begin, end in s["model_work"])
+    intervals = sorted((begin, end, child_ids[i]) for i, s in enumerate(summaries)
+                       for begin, end, _ in s["model_work"])
     assert {run for _, _, run in intervals} == set(child_ids)
     outside = [(b, e, run) for b, e, run in intervals if not held[run][0] - 0.05 <= b <= e <= held[run][1] + 0.05]
     assert not outside, f"model work outside its run's hold of the slot: {outside} {held}"

@@ -165,6 +165,7 @@ def test_process_chunk_returns_the_outcomes_of_its_files(tmp_path, session):
     outcomes = process_chunk.fn(session, sources, GpuSlot(None), index=0, total=1)
     assert {o.relative_path: o.status for o in outcomes} == {"a.wav": "done", "b.wav": "done"}
     assert [o.duration_seconds for o in sorted(outcomes, key=lambda o: o.relative_path)] == [3.0, 2.0]
+    assert {o.device for o in outcomes} == {"cpu"}  # where their model work ran
     nan = next(o for o in session.outcomes.values() if o.relative_path == "nan.wav")
     assert (nan.status, nan.stage, nan.permanent) == ("failed", "preprocess", True)  # recorded, not raised
     rows = {r["relative_path"]: r["status"] for r in session.store.manifest.rows("audio")}
@@ -288,40 +289,6 @@ def test_only_transient_trouble_is_retried(error, retried, tmp_path):
     state = asyncio.run(exception_to_failed_state(error, result_store=store))
     assert not isinstance(state.data, BaseException)
     assert is_transient(process_chunk, None, state) is retried
-
-
-# --- the GPU slot without a Prefect limit ------------------------------------------------------------------------
-
-def test_without_a_limit_the_slot_still_keeps_two_chunks_model_work_apart():
-    slot = GpuSlot(None)
-    slot.take()  # no limit: nothing to take, nothing started
-    assert slot._holder is None
-    first_inside = threading.Event()
-    spans: dict[str, tuple[float, float]] = {}
-
-    def first() -> None:
-        with slot():
-            entered = time.monotonic()
-            first_inside.set()
-            time.sleep(0.3)
-            spans["first"] = (entered, time.monotonic())
-
-    def second() -> None:
-        first_inside.wait(10)
-        with slot():
-            spans["second"] = (time.monotonic(), time.monotonic())
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert spans["second"][0] >= spans["first"][1]
-    slot.release()
-    slot.release()  # harmless, twice
-    with slot():  # still usable
-        pass
-    assert not any(t.name.startswith("mess-ai-gpu-slot") for t in threading.enumerate())
 
 
 # --- the run's outcome event (tasks/notify.py) -------------------------------------------------------------------

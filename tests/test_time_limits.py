@@ -183,7 +183,7 @@ def test_the_gpu_slot_waits_for_an_api_that_is_away_instead_of_failing_the_run()
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
         slot = GpuSlot("gpu-api-away")
         slot.take()
-        holder = slot._holder
+        holder, = slot._holders
         deadline = time.monotonic() + 30
         while holder.failed_attempts < 2 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -1,58 +1,98 @@
-"""The model's side of extraction: the model, loaded on first use only (the dataset's provenance written with it),
-and prepared tracks run through it inside a slot, each track's features written and checked as its windows
-complete."""
+"""The model's side of extraction: one model worker per device (each GPU of the host, or the one device asked for),
+each with its own copy of the model and its own extractor, loaded on first use only (the dataset's provenance written
+with the first), and prepared tracks run through a free worker inside a slot, each track's features written and
+checked as its windows complete."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 from mess_ai.config import ExtractConfig
 from mess_ai.deadline import Activity
+from mess_ai.extraction.decoding import DecodeAhead
 from mess_ai.extraction.provenance import build_provenance
 from mess_ai.extraction.stats import FileOutcome, RunStats
 from mess_ai.extraction.steps import check_written, extractor_for, load_model, write_features
 from mess_ai.extraction.track import TrackAttempt
+from mess_ai.features.device import host_lock_name, host_model_devices, torch_device
+from mess_ai.features.device_locks import hold_device
 from mess_ai.features.extractor import Extractor, TrackJob
 from mess_ai.features.loaded import LoadedModel
 from mess_ai.store import FeatureStore
 
 
+@dataclass(frozen=True)
+class ModelWorker:
+    """The model work of one device: its name (``cuda:1``, ``cpu``), its copy of the model and its extractor."""
+
+    device: str
+    model: LoadedModel
+    extractor: Extractor
+
+
 class ModelStage:
     """Extract and write, for one dataset of ``store`` and one config (content ``key``, ``precision`` and model
     ``identity`` resolved by the session); outcomes and timings go to ``stats``. Thread-safe: chunks of the flows
-    share it, and the model is loaded once."""
+    share it, each chunk's model work on one free device of ``devices`` (default: every GPU of the host for
+    ``cuda`` and ``auto``, see ``mess_ai.features.device.model_devices``), and each device's model is loaded once."""
 
     def __init__(self, config: ExtractConfig, store: FeatureStore, key: str, precision: str,
                  identity: dict[str, Any], loader: Callable[..., LoadedModel], stats: RunStats,
                  activity: Activity) -> None:
         self.config, self.store, self.key, self.precision, self.identity = config, store, key, precision, identity
         self.loader, self.stats, self.activity = loader, stats, activity
-        self._model: LoadedModel | None = None
-        self._extractor: Extractor | None = None
+        self.devices = host_model_devices(config.device)
+        self._workers: dict[str, ModelWorker] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._host_locks: dict[str, str | None] | None = None
+        self._works_on: collections.Counter[str] = collections.Counter()  # works of this process on each device
         self._lock = threading.Lock()
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return bool(self._workers)
 
     def model(self) -> LoadedModel:
-        """The model, loaded on first use only (a run with nothing new never loads it)."""
+        """The first device's model, loaded on first use only (a run with nothing new never loads it), before any
+        other device's: the one the checks before model work and the decoding (its sampling rate) go by."""
+        return self._worker(self.devices[0]).model
+
+    def _worker(self, device: str) -> ModelWorker:
+        """``device``'s worker, its model loaded on first use. Each device loads under a lock of its own, so the
+        chunks working on loaded devices never wait for another device's model to load."""
         with self._lock:
-            if self._model is None:
-                model = load_model(self.config, self.identity, self.precision, self.store.dataset, self.loader)
-                provenance = build_provenance(self.config, model, self.key, self.precision, self.identity)
-                if self.store.read_provenance() != provenance:
-                    self.store.write_provenance(provenance)
-                self._extractor = extractor_for(model, self.config, self.precision)
-                self._model = model
-            return self._model
+            loading = self._loading.setdefault(device, threading.Lock())
+        with loading:
+            worker = self._workers.get(device)
+            if worker is None:
+                # The config as this worker runs it: on its own device.
+                config = self.config.model_copy(update={"device": torch_device(device)})
+                model = load_model(config, self.identity, self.precision, self.store.dataset, self.loader)
+                if device == self.devices[0]:  # the first model loaded (see ``model``)
+                    provenance = build_provenance(self.config, model, self.key, self.precision, self.identity)
+                    if self.store.read_provenance() != provenance:
+                        self.store.write_provenance(provenance)
+                worker = ModelWorker(device, model, extractor_for(model, self.config, self.precision))
+                self._workers[device] = worker
+            return worker
+
+    def _device_locks(self) -> dict[str, str | None]:
+        """Each device's host-wide lock (looked up once: a GPU's UUID asks CUDA)."""
+        with self._lock:
+            if self._host_locks is None:
+                self._host_locks = {device: host_lock_name(device) for device in self.devices}
+            return self._host_locks
 
     def extract(self, jobs: Iterable[TrackJob], slot: Callable[[], ContextManager] = contextlib.nullcontext
                 ) -> list[FileOutcome]:
-        """Run prepared tracks through the model and write them; model work happens inside ``slot()``.
+        """Run prepared tracks through the model on one free device and write them; model work happens inside
+        ``slot()`` and the device's host-wide lock.
 
         Whatever stops it (the manifest cannot be written, a closed generator), every track it was handed is
         given back: those in hand and those prepared ahead keep their rows pending, and the next run redoes them.
@@ -60,19 +100,30 @@ class ModelStage:
         outcomes: list[FileOutcome] = []
         taken: list[TrackJob] = []
         listed = list(jobs) if isinstance(jobs, (list, tuple)) else []
+        chosen: dict[str, str] = {}  # the device of this work's first turn
 
         def take() -> Iterator[TrackJob]:
             for job in jobs:
                 taken.append(job)
-                self.activity.set(_model_work_words([j for j in listed or taken if not j.complete]))
+                self.activity.set(_model_work_words([j for j in listed or taken if not j.complete],
+                                                    chosen.get("device") if len(self.devices) > 1 else None))
                 yield job
+
+        def turn() -> ContextManager:
+            return self._turn(slot, chosen)
 
         try:
             self.model()
-            self.activity.set("waiting for the model (the run's GPU slot, or another chunk's model work)")
-            with slot():
-                outcomes = self._run(take(), _model_work_words(listed))
+            self.activity.set("waiting for the model (one of the run's GPU slots, then a free device)")
+            # Jobs decoded ahead give the turn up while they wait for the next decoded file (see ``LentSlot``).
+            with (jobs.lend(turn) if isinstance(jobs, DecodeAhead) else turn)():
+                device = chosen["device"]
+                words = _model_work_words(listed, device if len(self.devices) > 1 else None)
+                outcomes = self._run(take(), self._worker(device), words)
         finally:
+            if chosen:
+                with self._lock:
+                    self._works_on[chosen["device"]] -= 1
             if hasattr(jobs, "close"):
                 jobs.close()
             for job in [*taken, *listed]:
@@ -80,26 +131,55 @@ class ModelStage:
         self.stats.add("extract", files=len(outcomes), audio_seconds=sum(o.duration_seconds or 0.0 for o in outcomes))
         return outcomes
 
-    def _run(self, jobs: Iterator[TrackJob], doing: str) -> list[FileOutcome]:
-        """The model's work on ``jobs``, each written as it completes; timed as one interval of model work."""
+    @contextlib.contextmanager
+    def _turn(self, slot: Callable[[], ContextManager], chosen: dict[str, str]) -> Iterator[None]:
+        """A turn at the model, recorded as an interval of model work: the run's ``slot``, then a free device under
+        its host-wide lock. Every later turn of the same work takes the device of its first (``chosen``): its
+        extractor holds the batch in progress. A first turn tries the devices no other work of this process is on
+        first, so that works waiting for decoding (their turn given up) keep their devices to themselves."""
+        locks = self._device_locks()
+        with slot():
+            if chosen:
+                wanted = {chosen["device"]: locks[chosen["device"]]}
+            else:
+                with self._lock:
+                    order = sorted(locks, key=lambda device: self._works_on[device])
+                wanted = {device: locks[device] for device in order}
+            with hold_device(wanted) as device:
+                if not chosen:
+                    chosen["device"] = device
+                    with self._lock:
+                        self._works_on[device] += 1
+                extractor = self._worker(device).extractor
+                started, batches = time.time(), extractor.stats.batches
+                try:
+                    yield
+                finally:
+                    if extractor.stats.batches != batches:  # a turn given up before any batch held no model work
+                        self.stats.add_model_work(started, time.time(), device)
+
+    def _run(self, jobs: Iterator[TrackJob], worker: ModelWorker, doing: str) -> list[FileOutcome]:
+        """The model's work on ``jobs`` on ``worker``'s device, each written as it completes."""
         outcomes = []
-        started_wall, before = time.time(), self._extractor.stats.model_seconds
+        extractor = worker.extractor
+        before = extractor.stats.model_seconds
         try:
             with self.stats.watch("extract"):
                 on_raw = _write_raw_window if self.config.keep_raw else None
                 self.activity.set(doing)
-                for job in self._extractor.run(jobs, on_raw=on_raw):
-                    outcomes.append(self._finish(job))
+                for job in extractor.run(jobs, on_raw=on_raw):
+                    outcomes.append(self._finish(job, worker.device))
                     self.activity.set(doing)
         finally:
-            self.stats.add_model_work(started_wall, time.time(), self._extractor.stats.model_seconds - before)
+            self.stats.add("extract", extractor.stats.model_seconds - before)
         return outcomes
 
-    def _finish(self, job: TrackJob) -> FileOutcome:
-        """Write the features of a track the model is done with, check them, and record its outcome."""
+    def _finish(self, job: TrackJob, device: str) -> FileOutcome:
+        """Write the features of a track the model is done with on ``device``, check them, and record its
+        outcome."""
         track: TrackAttempt = job.context
         if job.error is not None:
-            return self.stats.record(track.failed("extract", job.error))
+            return self.stats.record(dataclasses.replace(track.failed("extract", job.error), device=device))
         try:
             self.activity.set(f"writing the features of {track.source.relative}", job.track_id, "write")
             with self.stats.stage("write", files=1, audio_seconds=track.duration_seconds):
@@ -107,16 +187,17 @@ class ModelStage:
             with self.stats.stage("integrity", files=1, audio_seconds=track.duration_seconds):
                 check_written(self.store, job, self.config.keep_raw)
         except Exception as exc:  # noqa: BLE001 - e.g. disk full: recorded, retried
-            return self.stats.record(track.failed("write", exc))
-        return self.stats.record(track.done(job.n_windows))
+            return self.stats.record(dataclasses.replace(track.failed("write", exc), device=device))
+        return self.stats.record(dataclasses.replace(track.done(job.n_windows), device=device))
 
 
 def _write_raw_window(job: TrackJob, index: int, window: Any) -> None:
     job.context.write_raw_window(index, window, job.n_windows)
 
 
-def _model_work_words(jobs: list[TrackJob]) -> str:
-    """'running the model on a.wav, b.wav, c.wav and 2 more': what model work is on, for a time-out's message."""
+def _model_work_words(jobs: list[TrackJob], device: str | None) -> str:
+    """'running the model on a.wav, b.wav, c.wav and 2 more (cuda:1)': what model work is on, for a time-out's
+    message; the device when the run has several."""
     names = [job.context.source.relative for job in jobs]
     return "running the model" + (f" on {', '.join(names[:3])}" if names else "") + (
-        f" and {len(names) - 3} more" if len(names) > 3 else "")
+        f" and {len(names) - 3} more" if len(names) > 3 else "") + (f" ({device})" if device else "")

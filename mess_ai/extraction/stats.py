@@ -29,6 +29,7 @@ class FileOutcome:
     duration_seconds: float | None = None
     seconds: float = 0.0
     permanent: bool | None = None
+    device: str | None = None  # the device its model work ran on ('cuda:1'); None when it never reached the model
 
 
 # What became of each file found, in the order every report lists them: (RunSummary field, what a person reads).
@@ -107,7 +108,8 @@ class RunSummary:
     outcomes: list[FileOutcome] = field(default_factory=list)
     integrity_problems: list[str] = field(default_factory=list)
     resources: dict[str, Any] = field(default_factory=dict)
-    model_work: list[tuple[float, float]] = field(default_factory=list)
+    # (start, end, device): wall-clock intervals during which this run held a device for model work.
+    model_work: list[tuple[float, float, str]] = field(default_factory=list)
 
     @property
     def real_time_factor(self) -> float | None:
@@ -118,6 +120,15 @@ class RunSummary:
     def counts(self) -> FileCounts:
         """What became of every file found (the numbers every report shows)."""
         return FileCounts(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FileCounts)})
+
+    @property
+    def files_by_device(self) -> dict[str, int]:
+        """Files whose model work ran on each device (done or failed there), by device name."""
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes:
+            if outcome.device is not None:
+                counts[outcome.device] = counts.get(outcome.device, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def failures(self) -> list[FileOutcome]:
@@ -157,7 +168,7 @@ class RunStats:
         self.stage_files = {s: 0 for s in STAGES}
         self.stage_audio_seconds = {s: 0.0 for s in STAGES}
         self.outcomes: dict[str, FileOutcome] = {}
-        self.model_work: list[tuple[float, float]] = []
+        self.model_work: list[tuple[float, float, str]] = []
         self.discovered = 0
         self.not_selected = 0
         self.selected: set[str] = set()  # track ids of the files chosen for work by the plan
@@ -183,11 +194,10 @@ class RunStats:
             self.stage_files[stage] += files
             self.stage_audio_seconds[stage] += audio_seconds
 
-    def add_model_work(self, started_wall: float, ended_wall: float, model_seconds: float) -> None:
-        """One interval (wall-clock times) during which this run held the model, and its model seconds."""
+    def add_model_work(self, started_wall: float, ended_wall: float, device: str) -> None:
+        """One interval (wall-clock times) during which this run held ``device`` for model work."""
         with self._lock:
-            self.model_work.append((started_wall, ended_wall))
-            self.stage_seconds["extract"] += model_seconds
+            self.model_work.append((started_wall, ended_wall, device))
 
     def found(self, files: int) -> None:
         with self._lock:
