@@ -123,7 +123,8 @@ class RunOptions(BaseModel):
     minutes_per_task: float | None = Field(
         60.0, gt=0, description="Also cap a chunk at about this much audio (a longer file makes a chunk of its "
                                 "own); empty for no cap. The decoded audio held at once is bounded apart, by the "
-                                "audio in flight to the model: about 10 minutes per decode worker, and one file per chunk.")
+                                "audio in flight to the model: about 10 minutes per decode worker, and one file "
+                                "per chunk.")
     decode_workers: int | None = Field(
         None, ge=0, description="Processes that decode audio ahead of the model. 0: decode in the run's own process "
                                 "(a thread per chunk in flight). Empty: 4 per GPU, capped by the cores less one; 0 on "
