@@ -153,8 +153,8 @@ class DecodeAhead(Iterator[TrackJob]):
     """The jobs of ``sources``, decoded in the background from the moment it is made, in the order they finish.
 
     With ``in_workers``, this stream's thread opens and hashes each file (``open_track``) and hands it to the
-    decoding processes (``submit``); without, it decodes them itself, one after the other. Either way a file is started only while
-    ``budget`` allows. ``close`` (also by the model stage when it stops) ends the thread and gives back every track
+    decoding processes (``submit``); without, it decodes them itself, one after the other. Either way a file is
+    started only while ``budget`` allows. ``close`` (also by the model stage when it stops) ends the thread and gives back every track
     not taken; jobs taken are the taker's to end.
     """
 
