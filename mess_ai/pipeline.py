@@ -171,7 +171,7 @@ class ExtractionSession:
 
     def plan(self, sources: list[AudioSource], only_failed: bool = False,
              files: Iterable[str] | None = None) -> list[AudioSource]:
-        """The sources that need work; the others are recorded as unchanged or previously failed, or counted as
+        """The sources that need work; the others are recorded as previously failed, or counted as unchanged or
         not selected: with ``files`` (paths relative to the audio folder) those not named, with ``only_failed``
         those whose last attempt did not fail."""
         selection = Selection(only_failed, None if files is None else frozenset(files))
@@ -181,7 +181,8 @@ class ExtractionSession:
             for source, state, decision in zip(sources, states, decisions):
                 self._apply(source, state.row, decision)
         pending = [source for source, decision in zip(sources, decisions) if decision.needs_work]
-        self.stats.planned([source.track_id for source in pending], decisions.count(Decision.NOT_SELECTED))
+        self.stats.planned([source.track_id for source in pending], decisions.count(Decision.NOT_SELECTED),
+                           decisions.count(Decision.UNCHANGED))
         self.stats.progress("plan", {"discovered": len(sources), "pending": len(pending)})
         return pending
 
@@ -189,9 +190,8 @@ class ExtractionSession:
         return file_states(self.store, sources, self.key, selection, self.config.keep_raw, self.activity)
 
     def _apply(self, source: AudioSource, row: Row | None, decision: Decision) -> None:
-        if decision == Decision.UNCHANGED:
-            self.stats.record(FileOutcome(source.track_id, source.relative, "unchanged"), announce=False)
-        elif decision == Decision.PREVIOUSLY_FAILED:
+        # An unchanged file is only counted (see ``RunStats.unchanged``).
+        if decision == Decision.PREVIOUSLY_FAILED:
             self.stats.record(FileOutcome(
                 source.track_id, source.relative, "previously_failed", row["failure_stage"], row["error_class"],
                 row["error_message"], row["attempts"], row["duration_seconds"], permanent=True), announce=False)
@@ -317,13 +317,16 @@ class ExtractionSession:
         stays with the stuck thread (see ``mess_ai.extraction.track.fail_stuck``)."""
         return self.stats.record(fail_stuck(self.store, source, self.key, timeout))
 
-    def check(self) -> list[str]:
-        """Structural integrity of the whole dataset (files, shapes, orphans, temporary files)."""
+    def check(self) -> IntegrityReport:
+        """Structural integrity of the tracks this run extracted or recorded as failed (their files and shapes,
+        files of theirs without a row, their temporary files), and of the dataset's provenance and config mix. The
+        tracks done before are ``mess-ai check``'s (``check_store``): a run's cost does not grow with them."""
+        settled = [track_id for track_id, outcome in self.outcomes.items() if outcome.status in ("done", "failed")]
         with self.stats.stage("integrity"):
-            report = IntegrityReport()
-            self.activity.set(f"checking the store {self.store.root}")
-            check_dataset(self.store, report, check_values=False)
-        return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
+            report = IntegrityReport(scope=f"the {len(settled)} tracks this run extracted or failed")
+            self.activity.set(f"checking the {len(settled)} tracks this run extracted or failed")
+            check_dataset(self.store, report, check_values=False, track_ids=settled)
+        return report
 
 
 def chunk_sources(sources: list[AudioSource], files_per_chunk: int, seconds_per_chunk: float | None = None,
@@ -396,8 +399,9 @@ def run_extraction(
                 if prefetch_depth > 0:
                     jobs = prefetch(jobs, prefetch_depth, session.abandon)
                 session.extract(jobs)
-            problems = session.check()
-        summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
+            report = session.check()
+            (log.info if report.ok else log.error)(report.describe())
+        summary = session.summary(audio_dir, time.perf_counter() - wall_started, report.lines())
     finally:
         session.close()
     log.info("Done: %s, in %.1f s.", summary.counts.describe(), summary.wall_seconds)

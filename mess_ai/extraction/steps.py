@@ -16,7 +16,15 @@ from mess_ai.audio.opening import OpenedAudio, identity, open_audio, sha256_fd
 from mess_ai.config import ExtractConfig
 from mess_ai.deadline import Activity
 from mess_ai.errors import InputError, MessError, ModelError
-from mess_ai.extraction.plan import FileState, Row, Selection, known_sha256, needs_content, outputs_to_check
+from mess_ai.extraction.plan import (
+    PLAN_COLUMNS,
+    FileState,
+    Row,
+    Selection,
+    known_sha256,
+    needs_content,
+    outputs_to_check,
+)
 from mess_ai.extraction.track import TrackAttempt
 from mess_ai.features.extractor import Extractor, TrackJob, precision_problem
 from mess_ai.features.loaded import LoadedModel
@@ -61,8 +69,10 @@ def content_hash(source: AudioSource, row: Row | None) -> str:
 def file_states(store: FeatureStore, sources: list[AudioSource], key: str, selection: Selection, keep_raw: bool,
                 activity: Activity) -> list[FileState]:
     """What the plan needs to know of each source: its manifest row and, where the plan looks at them, the hash of
-    its bytes now and whether its stored features read back."""
-    rows = store.manifest.rows_by_track(store.dataset)
+    its bytes now and whether its stored features read back. Only the rows of the sources that ``selection`` may
+    take are read, by key: the cost follows the files asked about, not the size of the dataset."""
+    wanted = [source.track_id for source in sources if selection.files is None or source.relative in selection.files]
+    rows = store.manifest.rows_of(store.dataset, wanted, PLAN_COLUMNS)
     provenance = store.read_provenance() or {}
     states = []
     for source in sources:
