@@ -323,8 +323,9 @@ class ExtractionSession:
         tracks done before are ``mess-ai check``'s (``check_store``): a run's cost does not grow with them."""
         settled = [track_id for track_id, outcome in self.outcomes.items() if outcome.status in ("done", "failed")]
         with self.stats.stage("integrity"):
-            report = IntegrityReport(scope=f"the {len(settled)} tracks this run extracted or failed")
-            self.activity.set(f"checking the {len(settled)} tracks this run extracted or failed")
+            tracks = f"the {len(settled)} track{'' if len(settled) == 1 else 's'} this run extracted or failed"
+            report = IntegrityReport(scope=tracks)
+            self.activity.set(f"checking {tracks}")
             check_dataset(self.store, report, check_values=False, track_ids=settled)
         return report
 
