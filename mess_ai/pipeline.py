@@ -323,6 +323,10 @@ class ExtractionSession:
         tracks done before are ``mess-ai check``'s (``check_store``): a run's cost does not grow with them."""
         settled = [track_id for track_id, outcome in self.outcomes.items() if outcome.status in ("done", "failed")]
         with self.stats.stage("integrity"):
+            if settled:
+                # Temporary files left by a run killed since this run's start: swept once here (one listing of each
+                # scale folder), not when each track is taken (a listing per track, as long as the dataset).
+                self.store.sweep_temp_files()
             tracks = f"the {len(settled)} track{'' if len(settled) == 1 else 's'} this run extracted or failed"
             report = IntegrityReport(scope=tracks)
             self.activity.set(f"checking {tracks}")

@@ -45,7 +45,8 @@ class IntegrityReport:
             return f"Store check of {self.scope}: valid files, nothing stray."
         lines = self.lines()
         more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
-        return f"Store check of {self.scope}: {len(lines)} problems: " + "; ".join(lines[:5]) + more
+        problems = f"{len(lines)} problem{'' if len(lines) == 1 else 's'}"
+        return f"Store check of {self.scope}: {problems}: " + "; ".join(lines[:5]) + more
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "datasets": self.datasets, "tracks_checked": self.tracks_checked,
