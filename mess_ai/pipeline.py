@@ -37,7 +37,7 @@ from mess_ai.extraction.stats import (
     RunStats,
     RunSummary,
 )
-from mess_ai.extraction.steps import decode_track, file_states, header_duration, opened_or_error
+from mess_ai.extraction.steps import decode_track, file_states, header_duration, opened_or_error, plan_rows
 from mess_ai.extraction.track import (
     TIMEOUTS_BEFORE_GIVING_UP,
     UNFINISHED_BEFORE_GIVING_UP,
@@ -176,7 +176,7 @@ class ExtractionSession:
         those whose last attempt did not fail."""
         selection = Selection(only_failed, None if files is None else frozenset(files))
         with self.stats.stage("discover"):
-            states = self._file_states(sources, selection)
+            states = self._file_states(sources, selection, whole_dataset=True)
             decisions = plan_files(states, self.key, selection)
             for source, state, decision in zip(sources, states, decisions):
                 self._apply(source, state.row, decision)
@@ -186,8 +186,10 @@ class ExtractionSession:
         self.stats.progress("plan", {"discovered": len(sources), "pending": len(pending)})
         return pending
 
-    def _file_states(self, sources: list[AudioSource], selection: Selection) -> list[FileState]:
-        return file_states(self.store, sources, self.key, selection, self.config.keep_raw, self.activity)
+    def _file_states(self, sources: list[AudioSource], selection: Selection, whole_dataset: bool = False
+                     ) -> list[FileState]:
+        rows = plan_rows(self.store, sources, selection, whole_dataset)
+        return file_states(self.store, sources, rows, self.key, selection, self.config.keep_raw, self.activity)
 
     def _apply(self, source: AudioSource, row: Row | None, decision: Decision) -> None:
         # An unchanged file is only counted (see ``RunStats.unchanged``).

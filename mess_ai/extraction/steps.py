@@ -66,13 +66,21 @@ def content_hash(source: AudioSource, row: Row | None) -> str:
         return sha256_fd(opened.fd)
 
 
-def file_states(store: FeatureStore, sources: list[AudioSource], key: str, selection: Selection, keep_raw: bool,
-                activity: Activity) -> list[FileState]:
-    """What the plan needs to know of each source: its manifest row and, where the plan looks at them, the hash of
-    its bytes now and whether its stored features read back. Only the rows of the sources that ``selection`` may
-    take are read, by key: the cost follows the files asked about, not the size of the dataset."""
+def plan_rows(store: FeatureStore, sources: list[AudioSource], selection: Selection, whole_dataset: bool
+              ) -> dict[str, Row]:
+    """The manifest rows ``file_states`` needs, of the sources ``selection`` may take, with the plan's columns:
+    read by key, so that the cost follows the files asked about (a chunk, the files a watcher names), or with
+    ``whole_dataset`` in one query of the dataset (a plan of the whole folder, once per run)."""
+    if whole_dataset and selection.files is None:
+        return store.manifest.rows_by_track(store.dataset, PLAN_COLUMNS)
     wanted = [source.track_id for source in sources if selection.files is None or source.relative in selection.files]
-    rows = store.manifest.rows_of(store.dataset, wanted, PLAN_COLUMNS)
+    return store.manifest.rows_of(store.dataset, wanted, PLAN_COLUMNS)
+
+
+def file_states(store: FeatureStore, sources: list[AudioSource], rows: dict[str, Row], key: str,
+                selection: Selection, keep_raw: bool, activity: Activity) -> list[FileState]:
+    """What the plan needs to know of each source: its manifest row (from ``rows``: see ``plan_rows``) and, where
+    the plan looks at them, the hash of its bytes now and whether its stored features read back."""
     provenance = store.read_provenance() or {}
     states = []
     for source in sources:

@@ -195,6 +195,18 @@ def _add_missing_indexes(engine: Engine) -> None:
             index.create(engine)
 
 
+def _columns(names: Sequence[str] | None) -> list[Column]:
+    """The columns of ``tracks`` named (all when None), ``track_id`` first."""
+    return [tracks.c[name] for name in dict.fromkeys(["track_id", *(names or tracks.c.keys())])]
+
+
+def _by_track(result: Any) -> dict[str, dict[str, Any]]:
+    """The rows of a result whose first column is ``track_id``, as dicts by track id. Fetched at once and zipped
+    with the column names: a row mapping per row costs several times more, which a plan of 100,000 files feels."""
+    names = list(result.keys())
+    return {row[0]: dict(zip(names, row)) for row in result.all()}
+
+
 def path_text(path: str) -> str:
     """A path as the manifest stores it: valid Unicode text. A file name that is not UTF-8 comes from the OS with
     surrogate escapes, which databases refuse: its odd bytes are written as ``\\xff``."""
@@ -282,8 +294,14 @@ class Manifest:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    def rows_by_track(self, dataset: str) -> dict[str, dict[str, Any]]:
-        return {r["track_id"]: r for r in self.rows(dataset)}
+    @_database_errors("read")
+    def rows_by_track(self, dataset: str, columns: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Every row of ``dataset``, by track id, with ``columns`` only when given (and ``track_id``): one query,
+        for what reads a whole dataset once (a run's plan, ``mess-ai check``)."""
+        with self.engine.connect() as conn:
+            # In the order of the primary key, which the query walks anyway: the same order every time.
+            return _by_track(conn.execute(select(*_columns(columns)).where(tracks.c.dataset == dataset)
+                                          .order_by(tracks.c.track_id)))
 
     @_database_errors("read")
     def rows_of(self, dataset: str, track_ids: Iterable[str], columns: Sequence[str] | None = None
@@ -291,16 +309,11 @@ class Manifest:
         """The rows of ``track_ids`` (those that have one), by track id, with ``columns`` only when given (and
         ``track_id``): read by key, so the cost follows the tracks asked about, not the size of the dataset."""
         wanted = list(dict.fromkeys(track_ids))
-        selected = [tracks.c[name] for name in dict.fromkeys(["track_id", *(columns or tracks.c.keys())])]
         found: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(wanted), _KEYS_PER_QUERY):
-                result = conn.execute(select(*selected).where(
-                    tracks.c.dataset == dataset, tracks.c.track_id.in_(wanted[start:start + _KEYS_PER_QUERY])))
-                # Plain tuples zipped with the names: a row mapping turned into a dict costs several times more,
-                # which a plan over 100,000 files feels.
-                names = list(result.keys())
-                found.update((row[0], dict(zip(names, row))) for row in result)
+                found.update(_by_track(conn.execute(select(*_columns(columns)).where(
+                    tracks.c.dataset == dataset, tracks.c.track_id.in_(wanted[start:start + _KEYS_PER_QUERY])))))
         return found
 
     @_database_errors("write")
