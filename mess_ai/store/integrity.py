@@ -136,7 +136,8 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
             continue
         status = row["status"] if row is not None else "no manifest row"
         report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
-    for temp in store.temp_files():
+    # A run that settled no track has no temporary files of its own to look for (its start swept the others).
+    for temp in store.temp_files() if scoped is None or scoped else ():
         target = target_of_temp(temp)
         if scoped is not None and target is not None and target.parent != store.dataset_dir \
                 and target.stem not in scoped:
