@@ -203,7 +203,7 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
     ratio = ratios[target]["big"] / ratios[target]["empty"]
     add_target(result, f"adding new files to {big:,} done tracks <= {RATIO_TARGET}x the time for an empty dataset "
                        f"({target})",
-               f"{ratio:.2f}x ({ratios[target]['big']:.1f} s vs {ratios[target]['empty']:.1f} s)",
+               f"{ratio:.3f}x ({ratios[target]['big']:.2f} s vs {ratios[target]['empty']:.2f} s)",
                ratio <= RATIO_TARGET,
                "per-file and per-chunk manifest reads by key, the run's integrity check on the tracks it wrote; "
                "what is left grows with the dataset is the plan: listing the folder, one read of its rows, three "
