@@ -222,7 +222,8 @@ class RunStats:
             statuses = [o.status for o in self.outcomes.values()]
             return FileCounts(
                 discovered=self.discovered, done=statuses.count("done"), failed=statuses.count("failed"),
-                unchanged=self.unchanged + statuses.count("unchanged"), previously_failed=statuses.count("previously_failed"),
+                unchanged=self.unchanged + statuses.count("unchanged"),
+                previously_failed=statuses.count("previously_failed"),
                 busy=statuses.count("busy"), not_selected=self.not_selected,
                 left=sum(track_id not in self.outcomes for track_id in self.selected))
 
