@@ -34,6 +34,7 @@ BENCHMARKS = {
     "seed-baseline": "bench.seed_baseline",
     "model-bound": "bench.model_bound",
     "gpu": "bench.gpu",
+    "dataset-size": "bench.dataset_size",
 }
 
 

@@ -58,7 +58,8 @@ def run_demo(workdir: Path) -> int:
     from cli.report import prefect_ui_hint, print_summary
     from deployments.runtime import default_gpu_limit
     from mess_ai.features.random_checkpoints import write_test_model
-    from mess_ai.pipeline import RunSummary
+    from mess_ai.pipeline import FileOutcome, RunSummary
+    from mess_ai.store import DONE, FeatureStore
 
     workdir = workdir.absolute()
     audio_dir, model_dir, store_dir = workdir / "audio", workdir / "model", workdir / "store"
@@ -85,7 +86,12 @@ def run_demo(workdir: Path) -> int:
     print(prefect_ui_hint())
 
     dataset_dir = store_dir / "demo"
-    done = [o for o in summary.outcomes if o.status in ("done", "unchanged")]
+    # From the manifest: a second demo run skips every file, and counts the unchanged ones without listing them.
+    store = FeatureStore(store_dir, "demo")
+    try:
+        done = [FileOutcome(r["track_id"], r["relative_path"], DONE) for r in store.manifest.rows("demo", DONE)]
+    finally:
+        store.close()
     print(f"\n4. What is in the store ({dataset_dir}):")
     for outcome in done:
         segments = load_npy(dataset_dir / "segments" / f"{outcome.track_id}.npy")

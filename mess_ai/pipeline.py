@@ -39,7 +39,14 @@ from mess_ai.extraction.stats import (
     RunStats,
     RunSummary,
 )
-from mess_ai.extraction.steps import decode_track, file_states, header_duration, opened_or_error, track_job
+from mess_ai.extraction.steps import (
+    decode_track,
+    file_states,
+    header_duration,
+    opened_or_error,
+    plan_rows,
+    track_job,
+)
 from mess_ai.extraction.track import (
     TIMEOUTS_BEFORE_GIVING_UP,
     UNFINISHED_BEFORE_GIVING_UP,
@@ -157,27 +164,29 @@ class ExtractionSession:
 
     def plan(self, sources: list[AudioSource], only_failed: bool = False,
              files: Iterable[str] | None = None) -> list[AudioSource]:
-        """The sources that need work; the others are recorded as unchanged or previously failed, or counted as
+        """The sources that need work; the others are recorded as previously failed, or counted as unchanged or
         not selected: with ``files`` (paths relative to the audio folder) those not named, with ``only_failed``
         those whose last attempt did not fail."""
         selection = Selection(only_failed, None if files is None else frozenset(files))
         with self.stats.stage("discover"):
-            states = self._file_states(sources, selection)
+            states = self._file_states(sources, selection, whole_dataset=True)
             decisions = plan_files(states, self.key, selection)
             for source, state, decision in zip(sources, states, decisions):
                 self._apply(source, state.row, decision)
         pending = [source for source, decision in zip(sources, decisions) if decision.needs_work]
-        self.stats.planned([source.track_id for source in pending], decisions.count(Decision.NOT_SELECTED))
+        self.stats.planned([source.track_id for source in pending], decisions.count(Decision.NOT_SELECTED),
+                           decisions.count(Decision.UNCHANGED))
         self.stats.progress("plan", {"discovered": len(sources), "pending": len(pending)})
         return pending
 
-    def _file_states(self, sources: list[AudioSource], selection: Selection) -> list[FileState]:
-        return file_states(self.store, sources, self.key, selection, self.config.keep_raw, self.activity)
+    def _file_states(self, sources: list[AudioSource], selection: Selection, whole_dataset: bool = False
+                     ) -> list[FileState]:
+        rows = plan_rows(self.store, sources, selection, whole_dataset)
+        return file_states(self.store, sources, rows, self.key, selection, self.config.keep_raw, self.activity)
 
     def _apply(self, source: AudioSource, row: Row | None, decision: Decision) -> None:
-        if decision == Decision.UNCHANGED:
-            self.stats.record(FileOutcome(source.track_id, source.relative, "unchanged"), announce=False)
-        elif decision == Decision.PREVIOUSLY_FAILED:
+        # An unchanged file is only counted (see ``RunStats.unchanged``).
+        if decision == Decision.PREVIOUSLY_FAILED:
             self.stats.record(FileOutcome(
                 source.track_id, source.relative, "previously_failed", row["failure_stage"], row["error_class"],
                 row["error_message"], row["attempts"], row["duration_seconds"], permanent=True), announce=False)
@@ -361,13 +370,21 @@ class ExtractionSession:
         stays with the stuck thread (see ``mess_ai.extraction.track.fail_stuck``)."""
         return self.stats.record(fail_stuck(self.store, source, self.key, timeout))
 
-    def check(self) -> list[str]:
-        """Structural integrity of the whole dataset (files, shapes, orphans, temporary files)."""
+    def check(self) -> IntegrityReport:
+        """Structural integrity of the tracks this run extracted or recorded as failed (their files and shapes,
+        files of theirs without a row, their temporary files), and of the dataset's provenance and config mix. The
+        tracks done before are ``mess-ai check``'s (``check_store``): a run's cost does not grow with them."""
+        settled = [track_id for track_id, outcome in self.outcomes.items() if outcome.status in ("done", "failed")]
         with self.stats.stage("integrity"):
-            report = IntegrityReport()
-            self.activity.set(f"checking the store {self.store.root}")
-            check_dataset(self.store, report, check_values=False)
-        return [f"{p.path or p.track_id}: {p.reason}" for p in report.problems]
+            if settled:
+                # Temporary files left by a run killed since this run's start: swept once here (one listing of each
+                # scale folder), not when each track is taken (a listing per track, as long as the dataset).
+                self.store.sweep_temp_files()
+            tracks = f"the {len(settled)} track{'' if len(settled) == 1 else 's'} this run extracted or failed"
+            report = IntegrityReport(scope=tracks)
+            self.activity.set(f"checking {tracks}")
+            check_dataset(self.store, report, check_values=False, track_ids=settled)
+        return report
 
 
 def chunk_sources(sources: list[AudioSource], files_per_chunk: int, seconds_per_chunk: float | None = None,
@@ -438,8 +455,9 @@ def run_extraction(
                 session.extract(session.decode_ahead([suspect]))
             if others:
                 _extract_on_every_device(session, others)
-            problems = session.check()
-        summary = session.summary(audio_dir, time.perf_counter() - wall_started, problems)
+            report = session.check()
+            (log.info if report.ok else log.error)(report.describe())
+        summary = session.summary(audio_dir, time.perf_counter() - wall_started, report.lines())
     finally:
         session.close()
     log.info("Done: %s, in %.1f s.", summary.counts.describe(), summary.wall_seconds)

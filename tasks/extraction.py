@@ -340,12 +340,9 @@ def process_chunk(session: ExtractionSession, sources: list[AudioSource], slot: 
 
 @task(name="check-integrity", cache_policy=NO_CACHE)
 def check_integrity(session: ExtractionSession, limits: TimeLimits = TimeLimits()) -> list[str]:
-    """Structural check of the whole dataset: every done track has its files with the right shapes."""
-    problems = run_within(session.check, limits.stage(session.discovered), "checking the store",
-                          session.activity)
+    """Structural check of the tracks this run extracted or failed: their files with the right shapes, nothing
+    stray (``mess-ai check`` checks every track)."""
+    report = run_within(session.check, limits.stage(session.discovered), "checking the store", session.activity)
     logger = get_run_logger()
-    if problems:
-        logger.error("The store has %d problems: %s", len(problems), "; ".join(problems[:5]))
-    else:
-        logger.info("Store check: every done track has valid files, nothing stray.")
-    return problems
+    (logger.info if report.ok else logger.error)(report.describe())
+    return report.lines()

@@ -238,24 +238,26 @@ def test_a_chunk_past_its_time_limit_raises_stage_timeout_naming_what_it_was_stu
 
 # --- check-integrity ---------------------------------------------------------------------------------------------
 
-def test_check_integrity_lists_a_damaged_feature_file(tmp_path, tiny_model):
+def test_check_integrity_lists_a_damaged_feature_file_of_the_run(tmp_path, tiny_model):
     audio = tmp_path / "audio"
     write_audio(audio / "a.wav", seconds=2.0)
-    write_audio(audio / "b.wav", seconds=2.0, frequency=300)
     run_extraction(audio, tmp_path / "store", dataset="audio", config=ExtractConfig(model=tiny_model, device="cpu"))
+    write_audio(audio / "b.wav", seconds=2.0, frequency=300)
     session = open_session(tmp_path, tiny_model)
     try:
-        discover_files.fn(session, str(audio), only_failed=False)
+        process_chunk.fn(session, planned(session, audio), GpuSlot(None), index=0, total=1)
         assert check_integrity.fn(session) == []
 
-        b = next(s for s in session.store.manifest.rows("audio") if s["relative_path"] == "b.wav")
-        damaged = session.store.path("segments", b["track_id"])
-        with open(damaged, "r+b") as npy:
-            npy.truncate(damaged.stat().st_size // 2)
+        rows = {r["relative_path"]: r["track_id"] for r in session.store.manifest.rows("audio")}
+        for name in ("a.wav", "b.wav"):
+            damaged = session.store.path("segments", rows[name])
+            with open(damaged, "r+b") as npy:
+                npy.truncate(damaged.stat().st_size // 2)
         problems = check_integrity.fn(session)
     finally:
         session.close()
-    assert len(problems) == 1 and str(damaged) in problems[0]
+    # b.wav is this run's; a.wav, done before, is `mess-ai check`'s.
+    assert len(problems) == 1 and str(session.store.path("segments", rows["b.wav"])) in problems[0]
 
 
 # --- the retry rule ----------------------------------------------------------------------------------------------

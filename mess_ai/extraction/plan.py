@@ -16,6 +16,12 @@ from mess_ai.store import DONE, FAILED, PENDING, ExpectedShapes
 
 Row = Mapping[str, Any]
 
+# The manifest columns the plan reads of a row (``decide`` and what it calls, and the outcome of a file that failed
+# before): a run reads no more of each file's row.
+PLAN_COLUMNS = ("track_id", "status", "sha256", "size", "mtime_ns", "file_identity", "config_key", "permanent",
+                "unfinished", "n_windows", "failure_stage", "error_class", "error_message", "attempts",
+                "duration_seconds")
+
 
 class Decision(str, enum.Enum):
     """What a run does with one file."""

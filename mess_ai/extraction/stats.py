@@ -105,6 +105,8 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_files: dict[str, int] = field(default_factory=dict)
     stage_audio_seconds: dict[str, float] = field(default_factory=dict)
+    # One per file the plan chose for work, and per file that failed before; files skipped as unchanged are counted
+    # in ``unchanged`` only.
     outcomes: list[FileOutcome] = field(default_factory=list)
     integrity_problems: list[str] = field(default_factory=list)
     resources: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +173,9 @@ class RunStats:
         self.model_work: list[tuple[float, float, str]] = []
         self.discovered = 0
         self.not_selected = 0
+        # Files the plan found unchanged: counted, not itemised in ``outcomes`` (a run over 100,000 done tracks would
+        # carry 100,000 entries into its result, which Prefect walks through item by item).
+        self.unchanged = 0
         self.selected: set[str] = set()  # track ids of the files chosen for work by the plan
         self._lock = threading.RLock()
 
@@ -204,10 +209,12 @@ class RunStats:
             self.discovered = files
             self.stage_files["discover"] += files
 
-    def planned(self, selected: Iterable[str], not_selected: int) -> None:
-        """The track ids a plan chose for work, and how many files it did not choose."""
+    def planned(self, selected: Iterable[str], not_selected: int, unchanged: int = 0) -> None:
+        """The track ids a plan chose for work, how many files it did not choose, and how many it skipped as
+        unchanged."""
         with self._lock:
             self.not_selected += not_selected
+            self.unchanged += unchanged
             self.selected.update(selected)
 
     def record(self, outcome: FileOutcome, announce: bool = True) -> FileOutcome:
@@ -225,7 +232,8 @@ class RunStats:
             statuses = [o.status for o in self.outcomes.values()]
             return FileCounts(
                 discovered=self.discovered, done=statuses.count("done"), failed=statuses.count("failed"),
-                unchanged=statuses.count("unchanged"), previously_failed=statuses.count("previously_failed"),
+                unchanged=self.unchanged + statuses.count("unchanged"),
+                previously_failed=statuses.count("previously_failed"),
                 busy=statuses.count("busy"), not_selected=self.not_selected,
                 left=sum(track_id not in self.outcomes for track_id in self.selected))
 

@@ -16,7 +16,15 @@ from mess_ai.audio.opening import OpenedAudio, identity, open_audio, sha256_fd
 from mess_ai.config import ExtractConfig
 from mess_ai.deadline import Activity
 from mess_ai.errors import InputError, MessError, ModelError
-from mess_ai.extraction.plan import FileState, Row, Selection, known_sha256, needs_content, outputs_to_check
+from mess_ai.extraction.plan import (
+    PLAN_COLUMNS,
+    FileState,
+    Row,
+    Selection,
+    known_sha256,
+    needs_content,
+    outputs_to_check,
+)
 from mess_ai.extraction.track import TrackAttempt
 from mess_ai.features.extractor import Extractor, TrackJob, precision_problem
 from mess_ai.features.loaded import LoadedModel
@@ -58,11 +66,21 @@ def content_hash(source: AudioSource, row: Row | None) -> str:
         return sha256_fd(opened.fd)
 
 
-def file_states(store: FeatureStore, sources: list[AudioSource], key: str, selection: Selection, keep_raw: bool,
-                activity: Activity) -> list[FileState]:
-    """What the plan needs to know of each source: its manifest row and, where the plan looks at them, the hash of
-    its bytes now and whether its stored features read back."""
-    rows = store.manifest.rows_by_track(store.dataset)
+def plan_rows(store: FeatureStore, sources: list[AudioSource], selection: Selection, whole_dataset: bool
+              ) -> dict[str, Row]:
+    """The manifest rows ``file_states`` needs, of the sources ``selection`` may take, with the plan's columns:
+    read by key, so that the cost follows the files asked about (a chunk, the files a watcher names), or with
+    ``whole_dataset`` in one query of the dataset (a plan of the whole folder, once per run)."""
+    if whole_dataset and selection.files is None:
+        return store.manifest.rows_by_track(store.dataset, PLAN_COLUMNS)
+    wanted = [source.track_id for source in sources if selection.files is None or source.relative in selection.files]
+    return store.manifest.rows_of(store.dataset, wanted, PLAN_COLUMNS)
+
+
+def file_states(store: FeatureStore, sources: list[AudioSource], rows: dict[str, Row], key: str,
+                selection: Selection, keep_raw: bool, activity: Activity) -> list[FileState]:
+    """What the plan needs to know of each source: its manifest row (from ``rows``: see ``plan_rows``) and, where
+    the plan looks at them, the hash of its bytes now and whether its stored features read back."""
     provenance = store.read_provenance() or {}
     states = []
     for source in sources:

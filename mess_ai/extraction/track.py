@@ -105,9 +105,9 @@ class TrackAttempt:
             dataset, source.track_id, source_path=str(source.path), relative_path=source.relative,
             size=stat.st_size if stat else None, mtime_ns=stat.st_mtime_ns if stat else None, sha256=sha,
             config_key=self.key, file_identity=file_identity(stat) if stat else None)
+        # Temporary files a killed run left of this track are not looked for here: finding them lists the scale
+        # folders, as long as the dataset; the run sweeps them at its start and, for its own tracks, at its end.
         self._begun, self.started, self.stat, self.died_before = True, time.perf_counter(), stat, died
-        for temp in self.store.temp_files(source.track_id):
-            temp.unlink(missing_ok=True)  # left by a killed run; we hold the lock now
         if error is None and died >= UNFINISHED_BEFORE_GIVING_UP:
             error = InputError(source.path, f"the process ended {died} times while extracting this file (killed, "
                                             "e.g. for memory, or crashed: the run's own or its decoding process): "

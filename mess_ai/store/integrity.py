@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 
-from mess_ai.store.atomic import load_npy, read_npy_header
+from mess_ai.store.atomic import load_npy, read_npy_header, target_of_temp
 from mess_ai.store.layout import SCALES, FeatureStore
 from mess_ai.store.manifest import DONE, Manifest
 
@@ -26,10 +27,26 @@ class IntegrityReport:
     tracks_checked: int = 0
     files_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # What was checked, in words ("the 40 tracks this run extracted or failed").
+    scope: str = "every track"
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def lines(self) -> list[str]:
+        """Each problem in one line: the file (or track) and what is wrong with it."""
+        return [f"{p.path or p.track_id}: {p.reason}" for p in self.problems]
+
+    def describe(self) -> str:
+        """'Store check of the 40 tracks this run extracted or failed: valid files, nothing stray.', or the number
+        of problems and the first five."""
+        if self.ok:
+            return f"Store check of {self.scope}: valid files, nothing stray."
+        lines = self.lines()
+        more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
+        problems = f"{len(lines)} problem{'' if len(lines) == 1 else 's'}"
+        return f"Store check of {self.scope}: {problems}: " + "; ".join(lines[:5]) + more
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "datasets": self.datasets, "tracks_checked": self.tracks_checked,
@@ -65,14 +82,18 @@ def _check_file(path: Path, expected: tuple[int | None, ...], dtype: np.dtype, f
     return None
 
 
-def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bool = True) -> None:
-    """Check one dataset of a store, adding what is wrong to ``report``."""
+def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bool = True,
+                  track_ids: Collection[str] | None = None) -> None:
+    """Check one dataset of a store, adding what is wrong to ``report``: every track, or with ``track_ids`` those
+    only (their rows, their feature files, files of theirs without a row, their temporary files), read by key so
+    that the cost follows them and not the dataset's size. The dataset's provenance and config mix either way."""
     dataset = store.dataset
     report.datasets.append(dataset)
     provenance = store.read_provenance() or {}
     n_states = provenance.get("num_hidden_states")
     hidden = provenance.get("hidden_size")
-    rows = store.manifest.rows_by_track(dataset)
+    scoped = None if track_ids is None else set(track_ids)
+    rows = store.manifest.rows_by_track(dataset) if scoped is None else store.manifest.rows_of(dataset, sorted(scoped))
     done = {tid: row for tid, row in rows.items() if row["status"] == DONE}
     # Tracks whose last attempt failed (or is under way) keep the features of an earlier extraction.
     kept = {tid: row for tid, row in rows.items() if row["status"] != DONE and row.get("features_config_key")}
@@ -102,7 +123,10 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
             if reason:
                 report.problems.append(Problem(dataset, track_id, str(raw_path), f"raw: {reason}"))
 
-    for scale, path in store.feature_files():
+    listed = store.feature_files() if scoped is None else (
+        (scale, store.path(scale, track_id)) for track_id in sorted(scoped) for scale in SCALES
+        if store.path(scale, track_id).exists())
+    for scale, path in listed:
         if path.stem in done or path.stem in kept or store.lock(path.stem).held_elsewhere():
             continue
         # The rows were read before the files were listed: a run may have finished this track since (written its
@@ -112,7 +136,12 @@ def check_dataset(store: FeatureStore, report: IntegrityReport, check_values: bo
             continue
         status = row["status"] if row is not None else "no manifest row"
         report.problems.append(Problem(dataset, path.stem, str(path), f"orphan {scale} file ({status})"))
-    for temp in store.temp_files():
+    # A run that settled no track has no temporary files of its own to look for (its start swept the others).
+    for temp in store.temp_files() if scoped is None or scoped else ():
+        target = target_of_temp(temp)
+        if scoped is not None and target is not None and target.parent != store.dataset_dir \
+                and target.stem not in scoped:
+            continue  # another track's: not this check's
         if store.temp_in_use(temp) or not temp.exists():
             continue  # a run is writing it right now, or has just renamed it into place
         report.problems.append(Problem(dataset, None, str(temp), "temporary file left by an interrupted write"))

@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -18,6 +18,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -37,6 +38,9 @@ from sqlalchemy.engine import Engine, make_url
 from mess_ai.errors import StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Track ids per ``IN (...)`` query: below every database's limit on bound parameters (SQLite's was 999).
+_KEYS_PER_QUERY = 500
 
 DONE = "done"
 FAILED = "failed"
@@ -79,6 +83,10 @@ tracks = Table(
     # "<inode>:<ctime_ns>" of the file when it was hashed: with size and mtime, what lets a later run reuse the
     # hash without reading the file. A copy that keeps size and mtime (cp -p) still gets a new inode or ctime.
     Column("file_identity", String(64)),
+    # The failures listing, the analysis's loading and the artifacts read one status of a dataset; the config-mix
+    # check counts a dataset's feature configs: each from an index, not from every row of the dataset.
+    Index("ix_tracks_dataset_status", "dataset", "status"),
+    Index("ix_tracks_dataset_features_config", "dataset", "features_config_key"),
 )
 
 # Columns added after the first release: added to an existing manifest when it is opened.
@@ -147,13 +155,14 @@ def _make_engine(url: str) -> Engine:
 
 
 def _create_tables(engine: Engine, attempts: int = 5) -> None:
-    """Create the tables that do not exist yet, and add the columns a manifest of an earlier version lacks.
-    Several runs may open a new store at the same moment: each sees no table (or no column), and all but one then
-    fail on CREATE TABLE or ADD COLUMN ("already exists"). Trying again sees the tables."""
+    """Create the tables that do not exist yet, and add the columns and indexes a manifest of an earlier version
+    lacks. Several runs may open a new store at the same moment: each sees no table (or no column, no index), and
+    all but one then fail on CREATE TABLE, ADD COLUMN or CREATE INDEX ("already exists"). Trying again sees them."""
     for attempt in range(1, attempts + 1):
         try:
             metadata.create_all(engine)
             _add_missing_columns(engine)
+            _add_missing_indexes(engine)
             return
         except DBAPIError:
             if attempt == attempts:
@@ -175,6 +184,27 @@ def _add_missing_columns(engine: Engine) -> None:
         if "features_config_key" in missing:
             conn.execute(tracks.update().where(tracks.c.status == DONE).values(
                 features_config_key=tracks.c.config_key, features_n_windows=tracks.c.n_windows))
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """Create the indexes of ``tracks`` a manifest of an earlier version lacks (``create_all`` makes a table's
+    indexes only with the table)."""
+    present = {index["name"] for index in inspect(engine).get_indexes("tracks")}
+    for index in tracks.indexes:
+        if index.name not in present:
+            index.create(engine)
+
+
+def _columns(names: Sequence[str] | None) -> list[Column]:
+    """The columns of ``tracks`` named (all when None), ``track_id`` first."""
+    return [tracks.c[name] for name in dict.fromkeys(["track_id", *(names or tracks.c.keys())])]
+
+
+def _by_track(result: Any) -> dict[str, dict[str, Any]]:
+    """The rows of a result whose first column is ``track_id``, as dicts by track id. Fetched at once and zipped
+    with the column names: a row mapping per row costs several times more, which a plan of 100,000 files feels."""
+    names = list(result.keys())
+    return {row[0]: dict(zip(names, row)) for row in result.all()}
 
 
 def path_text(path: str) -> str:
@@ -264,8 +294,27 @@ class Manifest:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    def rows_by_track(self, dataset: str) -> dict[str, dict[str, Any]]:
-        return {r["track_id"]: r for r in self.rows(dataset)}
+    @_database_errors("read")
+    def rows_by_track(self, dataset: str, columns: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Every row of ``dataset``, by track id, with ``columns`` only when given (and ``track_id``): one query,
+        for what reads a whole dataset once (a run's plan, ``mess-ai check``)."""
+        with self.engine.connect() as conn:
+            # In the order of the primary key, which the query walks anyway: the same order every time.
+            return _by_track(conn.execute(select(*_columns(columns)).where(tracks.c.dataset == dataset)
+                                          .order_by(tracks.c.track_id)))
+
+    @_database_errors("read")
+    def rows_of(self, dataset: str, track_ids: Iterable[str], columns: Sequence[str] | None = None
+                ) -> dict[str, dict[str, Any]]:
+        """The rows of ``track_ids`` (those that have one), by track id, with ``columns`` only when given (and
+        ``track_id``): read by key, so the cost follows the tracks asked about, not the size of the dataset."""
+        wanted = list(dict.fromkeys(track_ids))
+        found: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), _KEYS_PER_QUERY):
+                found.update(_by_track(conn.execute(select(*_columns(columns)).where(
+                    tracks.c.dataset == dataset, tracks.c.track_id.in_(wanted[start:start + _KEYS_PER_QUERY])))))
+        return found
 
     @_database_errors("write")
     def begin_attempt(self, dataset: str, track_id: str, *, source_path: str, relative_path: str,
