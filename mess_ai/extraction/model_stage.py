@@ -42,7 +42,9 @@ class ModelStage:
         """The model, loaded on first use only (a run with nothing new never loads it)."""
         with self._lock:
             if self._model is None:
+                started = time.perf_counter()
                 model = load_model(self.config, self.identity, self.precision, self.store.dataset, self.loader)
+                self.stats.add_model_load(time.perf_counter() - started)
                 provenance = build_provenance(self.config, model, self.key, self.precision, self.identity)
                 if self.store.read_provenance() != provenance:
                     self.store.write_provenance(provenance)
@@ -91,7 +93,8 @@ class ModelStage:
                     outcomes.append(self._finish(job))
                     self.activity.set(doing)
         finally:
-            self.stats.add_model_work(started_wall, time.time(), self._extractor.stats.model_seconds - before)
+            self.stats.add_model_work(started_wall, time.time(), self._extractor.stats.model_seconds - before,
+                                      self._extractor.stats.first_batch_at)
         return outcomes
 
     def _finish(self, job: TrackJob) -> FileOutcome:

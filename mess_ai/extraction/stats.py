@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator
+
+import psutil
 
 from mess_ai.monitoring import ResourceMonitor
 
@@ -108,6 +112,13 @@ class RunSummary:
     integrity_problems: list[str] = field(default_factory=list)
     resources: dict[str, Any] = field(default_factory=dict)
     model_work: list[tuple[float, float]] = field(default_factory=list)
+    # Seconds this run spent getting its model ready (importing transformers if this process had not, reading the
+    # checkpoint, building the model, moving it to the device; next to nothing when this process had loaded it
+    # already); None when the run needed no model.
+    model_load_seconds: float | None = None
+    # Seconds from the start of this process (for `mess-ai extract`, of the command) to the first batch of windows
+    # entering the model; None when no window was run.
+    first_window_seconds: float | None = None
 
     @property
     def real_time_factor(self) -> float | None:
@@ -158,6 +169,8 @@ class RunStats:
         self.stage_audio_seconds = {s: 0.0 for s in STAGES}
         self.outcomes: dict[str, FileOutcome] = {}
         self.model_work: list[tuple[float, float]] = []
+        self.model_load_seconds: float | None = None
+        self.first_window_at: float | None = None  # time.time() when the first batch entered the model
         self.discovered = 0
         self.not_selected = 0
         self.selected: set[str] = set()  # track ids of the files chosen for work by the plan
@@ -183,11 +196,19 @@ class RunStats:
             self.stage_files[stage] += files
             self.stage_audio_seconds[stage] += audio_seconds
 
-    def add_model_work(self, started_wall: float, ended_wall: float, model_seconds: float) -> None:
-        """One interval (wall-clock times) during which this run held the model, and its model seconds."""
+    def add_model_work(self, started_wall: float, ended_wall: float, model_seconds: float,
+                       first_window_at: float | None = None) -> None:
+        """One interval (wall-clock times) during which this run held the model, its model seconds, and when its
+        first batch entered the model (``time.time()``; None: no batch ran)."""
         with self._lock:
             self.model_work.append((started_wall, ended_wall))
             self.stage_seconds["extract"] += model_seconds
+            if first_window_at is not None:
+                self.first_window_at = min(first_window_at, self.first_window_at or first_window_at)
+
+    def add_model_load(self, seconds: float) -> None:
+        with self._lock:
+            self.model_load_seconds = (self.model_load_seconds or 0.0) + seconds
 
     def found(self, files: int) -> None:
         with self._lock:
@@ -232,4 +253,20 @@ class RunStats:
                 stage_audio_seconds=dict(self.stage_audio_seconds), outcomes=outcomes,
                 integrity_problems=integrity_problems,
                 resources=self.monitor.report.to_dict() if self.monitor and self.monitor.report else {},
-                model_work=list(self.model_work))
+                model_work=list(self.model_work), model_load_seconds=self.model_load_seconds,
+                first_window_seconds=None if self.first_window_at is None
+                else self.first_window_at - process_started_at())
+
+
+def process_started_at() -> float:
+    """When this process started, as a ``time.time()`` value: on Linux from its start in clock ticks since boot
+    (to 10 ms), elsewhere psutil's create time (Linux's would be off by up to a second: it adds the boot time in
+    whole seconds)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{os.getpid()}/stat", encoding="ascii") as stat:
+                # Field 22, counted after the command name, which may itself hold spaces and parentheses.
+                start_ticks = int(stat.read().rpartition(")")[2].split()[19])
+            age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+            return time.time() - age
+    return psutil.Process().create_time()
