@@ -59,14 +59,10 @@ class _Progress:
 
 def _settings(args: argparse.Namespace):
     """The run's ``ExtractConfig`` and ``RunOptions`` from the options given; a bad value is a usage error before
-    any flow starts. ``--gpu-limit`` not given: the default for where the run goes (``default_gpu_limit``)."""
+    any flow starts."""
     from mess_ai.config import ExtractConfig, RunOptions
 
-    config = model_from_options(ExtractConfig, args, "config_")
-    run = model_from_options(RunOptions, args, "run_")
-    if args.run_gpu_limit is None:
-        run = run.model_copy(update={"gpu_limit": default_gpu_limit()})
-    return config, run
+    return model_from_options(ExtractConfig, args, "config_"), model_from_options(RunOptions, args, "run_")
 
 
 @contextlib.contextmanager
@@ -95,14 +91,26 @@ class _HideExpectedErrors(logging.Filter):
 
 
 def _run_extract_flow(args: argparse.Namespace, audio_dir: Path, only_failed: bool) -> int:
-    from mess_ai import progress as progress_events
-    from mess_ai.pipeline import RunSummary
+    """Run the ``extract-features`` flow in this process, unless the plan, made first without Prefect or the model
+    (``nothing_new``), finds nothing to do: then the command says so and ends, having started no flow run."""
+    from mess_ai.extraction.noop import nothing_new
 
-    if not audio_dir.is_dir():
-        raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
-    prepare_prefect(args.verbose)
     config, run = _settings(args)
+    summary = nothing_new(audio_dir, args.store, args.dataset or audio_dir.absolute().name, config,
+                          only_failed=only_failed, manifest_url=args.manifest_url)
+    if summary is not None:
+        if args.json:
+            print(json.dumps(summary.to_dict(), indent=2, default=str))
+        else:
+            print_summary(summary)
+            print("  nothing new, so no flow run was started")
+        return summary.exit_code
+    prepare_prefect(args.verbose)
+    if args.run_gpu_limit is None:
+        run = run.model_copy(update={"gpu_limit": default_gpu_limit()})
     from flows.extract import extract_features
+    from mess_ai import progress as progress_events
+    from mess_ai.extraction.stats import RunSummary
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_HideExpectedErrors())

@@ -26,7 +26,7 @@ from mess_ai.deadline import Activity, StageTimeout
 from mess_ai.errors import InputError
 from mess_ai.extraction.dataset import describe_config_change, open_dataset, recorded_precision
 from mess_ai.extraction.model_stage import ModelStage
-from mess_ai.extraction.plan import Decision, FileState, Row, Selection, file_identity, plan_files
+from mess_ai.extraction.plan import Decision, FileState, Row, Selection, file_identity, plan_files, settled_outcome
 from mess_ai.extraction.provenance import build_provenance
 from mess_ai.extraction.stats import (
     FILE_CATEGORIES,
@@ -189,12 +189,9 @@ class ExtractionSession:
         return file_states(self.store, sources, self.key, selection, self.config.keep_raw, self.activity)
 
     def _apply(self, source: AudioSource, row: Row | None, decision: Decision) -> None:
-        if decision == Decision.UNCHANGED:
-            self.stats.record(FileOutcome(source.track_id, source.relative, "unchanged"), announce=False)
-        elif decision == Decision.PREVIOUSLY_FAILED:
-            self.stats.record(FileOutcome(
-                source.track_id, source.relative, "previously_failed", row["failure_stage"], row["error_class"],
-                row["error_message"], row["attempts"], row["duration_seconds"], permanent=True), announce=False)
+        outcome = settled_outcome(source.track_id, source.relative, row, decision)
+        if outcome is not None:
+            self.stats.record(outcome, announce=False)
         elif decision == Decision.SUSPECT:
             with self._lock:
                 self.suspects.add(source.track_id)

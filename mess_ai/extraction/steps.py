@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -18,9 +18,11 @@ from mess_ai.deadline import Activity
 from mess_ai.errors import InputError, MessError, ModelError
 from mess_ai.extraction.plan import FileState, Row, Selection, known_sha256, needs_content, outputs_to_check
 from mess_ai.extraction.track import TrackAttempt
-from mess_ai.features.extractor import Extractor, TrackJob, precision_problem
-from mess_ai.features.loaded import LoadedModel
 from mess_ai.store import ExpectedShapes, FeatureStore
+
+if TYPE_CHECKING:  # torch comes with them: the plan (file_states) runs without it, see mess_ai.extraction.noop
+    from mess_ai.features.extractor import Extractor, TrackJob
+    from mess_ai.features.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,8 @@ def decode_unchanged(track: TrackAttempt, opened: OpenedAudio, sampling_rate: in
 def decode_track(track: TrackAttempt, opened: OpenedAudio, sampling_rate: int, config: ExtractConfig) -> TrackJob:
     """Decode, resample and window one opened track into a job for the model (carrying ``track``). Audio that
     cannot be used (shorter than the minimum once decoded) raises ``InputError``."""
+    from mess_ai.features.extractor import TrackJob
+
     try:
         signal = decode_unchanged(track, opened, sampling_rate, config)
         track.duration_seconds = len(signal) / sampling_rate
@@ -131,6 +135,8 @@ def load_model(config: ExtractConfig, identity: dict[str, Any], precision: str, 
                loader: Callable[..., LoadedModel]) -> LoadedModel:
     """The model the content key names, on a device that can run the dataset's ``precision``; ``ModelError`` when
     this worker's device cannot."""
+    from mess_ai.features.extractor import precision_problem
+
     # A hub model is loaded at the commit the key names, not at wherever its branch has moved since.
     revision = identity["resolved_revision"] or config.revision
     model = loader(config.model, revision, config.device, trust_remote_code=config.trust_remote_code)
@@ -147,5 +153,7 @@ def load_model(config: ExtractConfig, identity: dict[str, Any], precision: str, 
 
 
 def extractor_for(model: LoadedModel, config: ExtractConfig, precision: str) -> Extractor:
+    from mess_ai.features.extractor import Extractor
+
     return Extractor(model, round(config.window.window_seconds * model.sampling_rate), config.batch_size, precision,
                      config.keep_raw)
