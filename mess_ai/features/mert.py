@@ -1,10 +1,10 @@
 """MERT-v1 as transformers' ``HubertModel``: MERT-v1's own hub code breaks on transformers >= 4.48 (on 5.x it returns
 no hidden states), so a checkpoint whose ``config.json`` says ``model_type: "mert_model"`` is mapped here onto
 ``HubertConfig`` and its weights into ``HubertModel``, which is MERT-v1 minus the CQT front end and DeepNorm. The load
-is strict (every checkpoint tensor used, every parameter provided, shapes equal) and straight into a model built
-without weights (no random init first), so a checkpoint ``HubertModel``
-cannot reproduce is refused instead of running with randomly initialised layers. transformers and safetensors are
-imported inside the functions that use them: importing transformers takes seconds.
+is strict (every checkpoint tensor used, every parameter provided, shapes equal), so a checkpoint ``HubertModel``
+cannot reproduce is refused instead of running with randomly initialised layers; the weights go straight into a
+model built without any (no random init first). transformers and safetensors are imported inside the functions that
+use them: importing transformers takes seconds.
 """
 
 from __future__ import annotations
