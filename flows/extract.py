@@ -81,13 +81,17 @@ def extract_features(
         retries=run.retries, retry_delay_seconds=[run.retry_delay_seconds * 2 ** i for i in range(run.retries)])
     stopped: BaseException | None = None
     problems: list[str] = []
+    slot = GpuSlot(gpu_limit)
     try:
         with monitor:
             pending = discover_files(quote(session), audio_dir, only_failed, files, limits)
+            if pending and gpu_limit:
+                ensure_concurrency_limit(gpu_limit, run.gpu_slots)
+                # Taken in the background from now, while the model loads (validate): the API takes seconds to
+                # grant it while it records the run's task runs, which after the load delayed the first window.
+                slot.take()
             valid = _validate(session, pending, limits) if pending else []
             if valid:
-                if gpu_limit:
-                    ensure_concurrency_limit(gpu_limit, run.gpu_slots)
                 suspects, others = session.isolate(valid)
                 chunks = [[suspect] for suspect in suspects] + (chunk_sources(
                     others, balanced_files_per_chunk(len(others), run.files_per_task),
@@ -98,7 +102,7 @@ def extract_features(
                 logger.info("Time limits: %s per chunk, %.1f h for the run.",
                             ", ".join(f"{c:.0f} s" for c in chunk_limits[:4]) + (" ..." if len(chunks) > 4 else ""),
                             run_limit / 3600)
-                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), GpuSlot(gpu_limit),
+                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), slot,
                                           Deadline(run_limit, elapsed=time.perf_counter() - started),
                                           alone=len(suspects))
             if stopped is None:
@@ -106,6 +110,7 @@ def extract_features(
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
         publish_run_artifacts(summary, session.store)
     finally:
+        slot.release()
         session.close()
     if stopped is not None:
         logger.error("The run stopped: %s. %s.", stopped, summary.counts.describe())
@@ -152,7 +157,8 @@ def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tu
     """Run chunks two at a time, so one chunk's decoding overlaps the other's model work, and memory holds at most
     two chunks of decoded audio whatever the number of files. The first ``alone`` chunks (one suspect file each: see
     ``ExtractionSession.isolate``) run one at a time, with nothing else in flight. The run's GPU slot is taken as
-    the first chunks start decoding, and given back after the last chunk, or when the run stops.
+    the first chunks start decoding (unless the flow started taking it before), and given back after the last
+    chunk, or when the run stops.
 
     Returns what stopped the run (the model or store unusable, a chunk or the run past its time limit), or None.
     A chunk past its limit records the file it was stuck on as failed; no chunk starts after that, the chunks in
