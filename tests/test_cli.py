@@ -54,16 +54,6 @@ def _flow_runs() -> int:
         return client.count_flow_runs()
 
 
-# Run as a user runs it, in a process of its own; says which heavy packages the command imported.
-_NOOP_COMMAND = """
-import json, sys
-from cli.main import main
-from mess_ai.extraction.stats import RunSummary, process_started_at
-code = main(sys.argv[1:])
-print(json.dumps({"exit": code, "imported": [m for m in ("prefect", "torch", "transformers") if m in sys.modules]}))
-"""
-
-
 def test_work_goes_through_a_flow_run_and_nothing_new_starts_nothing(tmp_path, tiny_model, capsys, prefect_api):
     audio, store = tmp_path / "audio", tmp_path / "store"
     write_audio(audio / "good.wav", seconds=6.0)
@@ -77,15 +67,15 @@ def test_work_goes_through_a_flow_run_and_nothing_new_starts_nothing(tmp_path, t
     assert data["model_load_seconds"] < data["first_window_seconds"] < time.time() - process_started_at()
     assert json.loads(json.dumps(RunSummary.from_dict(data).to_dict())) == data
 
-    proc = subprocess.run([sys.executable, "-c", _NOOP_COMMAND, "extract", str(audio), "--store", str(store),
-                           "--model", tiny_model, "--device", "cpu"], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PREFECT_API_URL=prefect_api))
-    *report, last = proc.stdout.splitlines()
-    # bad.wav failed for good: the exit code says so, as a flow run's would, with neither Prefect nor the model.
-    assert json.loads(last) == {"exit": 1, "imported": []}, proc.stderr
-    text = "\n".join(report)
-    assert re.search(r"unchanged \(skipped\): +1\n", text) and "bad.wav" in text
-    assert "the model was not loaded" in text and "no flow run was started" in text
+    # As a user runs it, in a process of its own; -X importtime lists every module it imported.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "cli", "extract", str(audio), "--store",
+                           str(store), "--model", tiny_model, "--device", "cpu"], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PREFECT_API_URL=prefect_api))
+    imported = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "sqlalchemy" in imported and not imported & {"prefect", "torch", "transformers"}
+    assert proc.returncode == 1  # bad.wav failed for good: the exit code says so, as a flow run's would
+    assert re.search(r"unchanged \(skipped\): +1\n", proc.stdout) and "bad.wav" in proc.stdout
+    assert "the model was not loaded" in proc.stdout and proc.stdout.endswith("no flow run was started\n")
     assert _flow_runs() == runs + 1
 
 
