@@ -33,6 +33,7 @@ BENCHMARKS = {
     "memory": "bench.memory",
     "seed-baseline": "bench.seed_baseline",
     "model-bound": "bench.model_bound",
+    "end-to-end": "bench.end_to_end",
     "gpu": "bench.gpu",
     "dataset-size": "bench.dataset_size",
 }

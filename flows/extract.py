@@ -82,17 +82,24 @@ def extract_features(
         retries=run.retries, retry_delay_seconds=[run.retry_delay_seconds * 2 ** i for i in range(run.retries)])
     stopped: BaseException | None = None
     problems: list[str] = []
+    slot = GpuSlot(None)
     try:
         with monitor:
             pending = discover_files(quote(session), audio_dir, only_failed, files, limits)
+            # One model worker per device, at most as many as the limit has slots (a limit of none, paused by an
+            # operator, still has one waiting).
+            workers = len(session.devices)
+            if pending and gpu_limit:
+                slots = ensure_concurrency_limit(gpu_limit, run.gpu_slots, session.devices)
+                workers = max(1, min(workers, slots))
+                slot = GpuSlot(gpu_limit, workers)
+                # Taken in the background from now, while the model loads (validate): the API takes seconds to
+                # grant a slot while it records the run's task runs, which after the load delayed the first window.
+                slot.take()
+            else:
+                slot = GpuSlot(None, workers)
             valid = _validate(session, pending, limits) if pending else []
             if valid:
-                # One model worker per device, at most as many as the limit has slots (a limit of none, paused by
-                # an operator, still has one waiting).
-                workers = len(session.devices)
-                if gpu_limit:
-                    slots = ensure_concurrency_limit(gpu_limit, run.gpu_slots, session.devices)
-                    workers = max(1, min(workers, slots))
                 suspects, others = session.isolate(valid)
                 chunks = [[suspect] for suspect in suspects] + (chunk_sources(
                     others, balanced_files_per_chunk(len(others), run.files_per_task, workers + 1),
@@ -103,8 +110,7 @@ def extract_features(
                 logger.info("Time limits: %s per chunk, %.1f h for the run.",
                             ", ".join(f"{c:.0f} s" for c in chunk_limits[:4]) + (" ..." if len(chunks) > 4 else ""),
                             run_limit / 3600)
-                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)),
-                                          GpuSlot(gpu_limit, workers),
+                stopped = _extract_chunks(session, chunk_task, list(zip(chunks, chunk_limits)), slot,
                                           Deadline(run_limit, elapsed=time.perf_counter() - started),
                                           alone=len(suspects))
             if stopped is None:
@@ -112,6 +118,7 @@ def extract_features(
         summary = session.summary(audio_dir, time.perf_counter() - started, problems)
         publish_run_artifacts(summary, session.store)
     finally:
+        slot.release()
         session.close()
     if stopped is not None:
         logger.error("The run stopped: %s. %s.", stopped, summary.counts.describe())
@@ -157,10 +164,11 @@ def _record_timeout(session: ExtractionSession, timeout: StageTimeout, sources: 
 def _extract_chunks(session: ExtractionSession, chunk_task: Any, chunks: list[tuple[list, float]], slot: GpuSlot,
                     deadline: Deadline, alone: int = 0) -> BaseException | None:
     """Run one chunk more at a time than the run has devices (``slot.workers``: two for one device), so a chunk's
-    decoding overlaps the others' model work and every device is kept fed, and memory holds at most that many
-    chunks of decoded audio whatever the number of files. The first ``alone`` chunks (one suspect file each: see
+    decoding overlaps the others' model work and every device is kept fed (the decoded audio they hold is bounded
+    by the session's audio in flight, see ``mess_ai.extraction.decoding``). The first ``alone`` chunks (one suspect file each: see
     ``ExtractionSession.isolate``) run one at a time, with nothing else in flight. The run's GPU slots are taken as
-    the first chunks start decoding, and given back after the last chunk, or when the run stops.
+    the first chunks start decoding (unless the flow started taking them before), and given back after the last
+    chunk, or when the run stops.
 
     Returns what stopped the run (the model or store unusable, a chunk or the run past its time limit), or None.
     A chunk past its limit records the file it was stuck on as failed; no chunk starts after that, the chunks in

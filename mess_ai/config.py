@@ -90,13 +90,17 @@ class ExtractConfig(BaseModel):
         resolved now: a local folder by the hash of its files, a hub id by the commit its revision stands for),
         the windowing, and ``precision``, the precision actually used (``auto`` resolved, see
         ``resolve_precision``; default: this config's own on its device)."""
-        from mess_ai.features.device import resolve_device
-        from mess_ai.features.extractor import resolve_precision
-        from mess_ai.features.identity import model_identity
         from mess_ai.store.keys import config_key
 
-        precision = precision or resolve_precision(self.precision, resolve_device(self.device))
-        fingerprint = fingerprint or model_identity(self.model, self.revision)["fingerprint"]
+        if precision is None:  # torch only when the device decides (a no-op `mess-ai extract` runs without it)
+            from mess_ai.features.device import resolve_device
+            from mess_ai.features.extractor import resolve_precision
+
+            precision = resolve_precision(self.precision, resolve_device(self.device))
+        if fingerprint is None:
+            from mess_ai.features.identity import model_identity
+
+            fingerprint = model_identity(self.model, self.revision)["fingerprint"]
         return config_key({"model": fingerprint, "window": self.window.to_dict(), "precision": precision})
 
     def describe(self, precision: str, identity: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from mess_ai.errors import InputError
 from mess_ai.extraction.dataset import describe_config_change, open_dataset, recorded_precision
 from mess_ai.extraction.decoding import AudioBudget, DecodeAhead, OpenTrack, budget_seconds
 from mess_ai.extraction.model_stage import ModelStage
-from mess_ai.extraction.plan import Decision, FileState, Row, Selection, file_identity, plan_files
+from mess_ai.extraction.plan import Decision, FileState, Row, Selection, file_identity, plan_files, settled_outcome
 from mess_ai.extraction.provenance import build_provenance
 from mess_ai.extraction.stats import (
     FILE_CATEGORIES,
@@ -185,11 +185,11 @@ class ExtractionSession:
         return file_states(self.store, sources, rows, self.key, selection, self.config.keep_raw, self.activity)
 
     def _apply(self, source: AudioSource, row: Row | None, decision: Decision) -> None:
-        # An unchanged file is only counted (see ``RunStats.unchanged``).
-        if decision == Decision.PREVIOUSLY_FAILED:
-            self.stats.record(FileOutcome(
-                source.track_id, source.relative, "previously_failed", row["failure_stage"], row["error_class"],
-                row["error_message"], row["attempts"], row["duration_seconds"], permanent=True), announce=False)
+        if decision == Decision.UNCHANGED:
+            return  # only counted (see ``RunStats.unchanged``)
+        outcome = settled_outcome(source.track_id, source.relative, row, decision)
+        if outcome is not None:
+            self.stats.record(outcome, announce=False)
         elif decision == Decision.SUSPECT:
             with self._lock:
                 self.suspects.add(source.track_id)

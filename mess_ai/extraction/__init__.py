@@ -6,5 +6,6 @@
 - ``model_stage``: the model, loaded once, and prepared tracks run through it, their features written;
 - ``dataset``: which folder and config a dataset holds, and the refusal of another;
 - ``provenance``: what the features were made with, written next to them;
-- ``stats``: what a run did (stage times, outcomes, counts), and its summary.
+- ``stats``: what a run did (stage times, outcomes, counts), and its summary;
+- ``noop``: the plan made read-only before any run, to find that a run would have nothing to do.
 """

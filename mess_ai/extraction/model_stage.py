@@ -73,7 +73,9 @@ class ModelStage:
             if worker is None:
                 # The config as this worker runs it: on its own device.
                 config = self.config.model_copy(update={"device": torch_device(device)})
+                started = time.perf_counter()
                 model = load_model(config, self.identity, self.precision, self.store.dataset, self.loader)
+                self.stats.add_model_load(time.perf_counter() - started)
                 if device == self.devices[0]:  # the first model loaded (see ``model``)
                     provenance = build_provenance(self.config, model, self.key, self.precision, self.identity)
                     if self.store.read_provenance() != provenance:
@@ -172,6 +174,7 @@ class ModelStage:
                     self.activity.set(doing)
         finally:
             self.stats.add("extract", extractor.stats.model_seconds - before)
+            self.stats.add_first_window(extractor.stats.first_batch_at)
         return outcomes
 
     def _finish(self, job: TrackJob, device: str) -> FileOutcome:

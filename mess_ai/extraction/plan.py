@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from mess_ai.extraction.stats import FileOutcome
 from mess_ai.store import DONE, FAILED, PENDING, ExpectedShapes
 
 Row = Mapping[str, Any]
@@ -117,3 +118,14 @@ def decide(file: FileState, key: str, selection: Selection = Selection()) -> Dec
 def plan_files(files: Sequence[FileState], key: str, selection: Selection = Selection()) -> list[Decision]:
     """``decide`` for each of ``files``, in their order."""
     return [decide(file, key, selection) for file in files]
+
+
+def settled_outcome(track_id: str, relative: str, row: Row | None, decision: Decision) -> FileOutcome | None:
+    """The outcome the plan settles by itself: unchanged, or failed before on the same bytes (with the stage and
+    reason of that failure); None for a file the run works on or does not select."""
+    if decision == Decision.UNCHANGED:
+        return FileOutcome(track_id, relative, "unchanged")
+    if decision == Decision.PREVIOUSLY_FAILED:
+        return FileOutcome(track_id, relative, "previously_failed", row["failure_stage"], row["error_class"],
+                           row["error_message"], row["attempts"], row["duration_seconds"], permanent=True)
+    return None

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator
+
+import psutil
 
 from mess_ai.monitoring import ResourceMonitor
 
@@ -112,6 +116,13 @@ class RunSummary:
     resources: dict[str, Any] = field(default_factory=dict)
     # (start, end, device): wall-clock intervals during which this run held a device for model work.
     model_work: list[tuple[float, float, str]] = field(default_factory=list)
+    # Seconds this run spent getting its model ready (importing transformers if this process had not, reading the
+    # checkpoint, building the model, moving it to the device; next to nothing when this process had loaded it
+    # already); None when the run needed no model.
+    model_load_seconds: float | None = None
+    # Seconds from the start of this process (for `mess-ai extract`, of the command) to the first batch of windows
+    # entering the model; None when no window was run.
+    first_window_seconds: float | None = None
 
     @property
     def real_time_factor(self) -> float | None:
@@ -171,6 +182,8 @@ class RunStats:
         self.stage_audio_seconds = {s: 0.0 for s in STAGES}
         self.outcomes: dict[str, FileOutcome] = {}
         self.model_work: list[tuple[float, float, str]] = []
+        self.model_load_seconds: float | None = None
+        self.first_window_at: float | None = None  # time.time() when the first batch entered the model
         self.discovered = 0
         self.not_selected = 0
         # Files the plan found unchanged: counted, not itemised in ``outcomes`` (a run over 100,000 done tracks would
@@ -203,6 +216,17 @@ class RunStats:
         """One interval (wall-clock times) during which this run held ``device`` for model work."""
         with self._lock:
             self.model_work.append((started_wall, ended_wall, device))
+
+    def add_first_window(self, first_window_at: float | None) -> None:
+        """When a batch first entered the model (``time.time()``; None: no batch ran) on one of the run's devices:
+        the run's first window is the earliest."""
+        if first_window_at is not None:
+            with self._lock:
+                self.first_window_at = min(first_window_at, self.first_window_at or first_window_at)
+
+    def add_model_load(self, seconds: float) -> None:
+        with self._lock:
+            self.model_load_seconds = (self.model_load_seconds or 0.0) + seconds
 
     def found(self, files: int) -> None:
         with self._lock:
@@ -250,4 +274,20 @@ class RunStats:
                 stage_audio_seconds=dict(self.stage_audio_seconds), outcomes=outcomes,
                 integrity_problems=integrity_problems,
                 resources=self.monitor.report.to_dict() if self.monitor and self.monitor.report else {},
-                model_work=list(self.model_work))
+                model_work=list(self.model_work), model_load_seconds=self.model_load_seconds,
+                first_window_seconds=None if self.first_window_at is None
+                else self.first_window_at - process_started_at())
+
+
+def process_started_at() -> float:
+    """When this process started, as a ``time.time()`` value: on Linux from its start in clock ticks since boot
+    (to 10 ms), elsewhere psutil's create time (Linux's would be off by up to a second: it adds the boot time in
+    whole seconds)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{os.getpid()}/stat", encoding="ascii") as stat:
+                # Field 22, counted after the command name, which may itself hold spaces and parentheses.
+                start_ticks = int(stat.read().rpartition(")")[2].split()[19])
+            age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+            return time.time() - age
+    return psutil.Process().create_time()

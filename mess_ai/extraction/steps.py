@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -26,9 +26,11 @@ from mess_ai.extraction.plan import (
     outputs_to_check,
 )
 from mess_ai.extraction.track import TrackAttempt
-from mess_ai.features.extractor import Extractor, TrackJob, precision_problem
-from mess_ai.features.loaded import LoadedModel
 from mess_ai.store import ExpectedShapes, FeatureStore
+
+if TYPE_CHECKING:  # torch comes with them: the plan (file_states) runs without it, see mess_ai.extraction.noop
+    from mess_ai.features.extractor import Extractor, TrackJob
+    from mess_ai.features.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,8 @@ def decode_track(track: TrackAttempt, opened: OpenedAudio, sampling_rate: int, c
 def track_job(track: TrackAttempt, signal: np.ndarray, sampling_rate: int, config: ExtractConfig) -> TrackJob:
     """The job for the model of a track decoded to ``signal`` (float32 [n_samples] at ``sampling_rate``), here or
     by a decoding process; ``InputError`` when it is shorter than the minimum."""
+    from mess_ai.features.extractor import TrackJob
+
     track.duration_seconds = len(signal) / sampling_rate
     try:
         bounds = window_bounds(len(signal), sampling_rate, config.window)
@@ -154,6 +158,8 @@ def load_model(config: ExtractConfig, identity: dict[str, Any], precision: str, 
                loader: Callable[..., LoadedModel]) -> LoadedModel:
     """The model the content key names, on a device that can run the dataset's ``precision``; ``ModelError`` when
     this worker's device cannot."""
+    from mess_ai.features.extractor import precision_problem
+
     # A hub model is loaded at the commit the key names, not at wherever its branch has moved since.
     revision = identity["resolved_revision"] or config.revision
     model = loader(config.model, revision, config.device, trust_remote_code=config.trust_remote_code)
@@ -170,5 +176,7 @@ def load_model(config: ExtractConfig, identity: dict[str, Any], precision: str, 
 
 
 def extractor_for(model: LoadedModel, config: ExtractConfig, precision: str) -> Extractor:
+    from mess_ai.features.extractor import Extractor
+
     return Extractor(model, round(config.window.window_seconds * model.sampling_rate), config.batch_size, precision,
                      config.keep_raw)

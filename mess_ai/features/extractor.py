@@ -102,6 +102,7 @@ class ExtractorStats:
     batches: int = 0
     model_seconds: float = 0.0
     batch_size_reductions: list[int] = field(default_factory=list)
+    first_batch_at: float | None = None  # time.time() when the first batch entered the model
 
 
 class Extractor:
@@ -162,6 +163,8 @@ class Extractor:
         if not live:
             return
         windows = np.stack([job.signal[job.bounds[i][0]:job.bounds[i][0] + job.bounds[i][1]] for job, i in live])
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = time.time()
         started = time.perf_counter()
         try:
             segments, raw = self.embed(windows)

@@ -2,8 +2,9 @@
 no hidden states), so a checkpoint whose ``config.json`` says ``model_type: "mert_model"`` is mapped here onto
 ``HubertConfig`` and its weights into ``HubertModel``, which is MERT-v1 minus the CQT front end and DeepNorm. The load
 is strict (every checkpoint tensor used, every parameter provided, shapes equal), so a checkpoint ``HubertModel``
-cannot reproduce is refused instead of running with randomly initialised layers. transformers and safetensors are
-imported inside the functions that use them: importing transformers takes seconds.
+cannot reproduce is refused instead of running with randomly initialised layers; the weights go straight into a
+model built without any (no random init first). transformers and safetensors are imported inside the functions that
+use them: importing transformers takes seconds.
 """
 
 from __future__ import annotations
@@ -105,11 +106,19 @@ def load_mert(source_dir: Path, config: dict[str, Any], name_or_path: str, revis
     except (TypeError, ValueError) as exc:
         raise UnsupportedCheckpointError(f"{config_path}: not a valid HuBERT configuration ({first_line(exc)}).") \
             from None
-    model = HubertModel(hubert)
+    # Built on the meta device: no memory for the weights and no random init (transformers skips initialising on
+    # meta), which for MERT-v1-95M took longer than reading its weights. The checkpoint's tensors are then assigned
+    # as they are, not copied into weights initialised for nothing.
+    with torch.device("meta"):
+        model = HubertModel(hubert)
     expected = model.state_dict()
     state = _rename_weight_norm(_read_weights(weights_path), expected.keys())
     _check_weights_fit(state, expected, weights_path)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    unset = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if unset:  # a tensor the model keeps outside its state dict: the checkpoint cannot give it a value
+        raise UnsupportedCheckpointError(f"{weights_path}: HubertModel has tensors no checkpoint sets "
+                                         f"({_preview(unset)}); this transformers version cannot load MERT-v1.")
     return model
 
 
@@ -119,7 +128,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path), device="cpu")
+            # Copied out of the file's memory map: the model's weights must be this process's own, not pages of
+            # a file that may be rewritten under a running model (read lazily, they would also only be counted,
+            # and paid for, at the first forward pass).
+            state = {name: tensor.clone() for name, tensor in load_file(str(path), device="cpu").items()}
         else:
             # weights_only: a checkpoint is data, and plain unpickling would run whatever code the file holds.
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -85,3 +85,18 @@ def test_weights_of_another_shape_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedCheckpointError, match="with another shape"):
         load_model(str(directory), device="cpu")
+
+
+def test_weights_are_loaded_without_a_random_init_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = write_test_model(tmp_path, seed=3)
+    initialised = []
+    original = HubertModel._init_weights
+    monkeypatch.setattr(HubertModel, "_init_weights",
+                        lambda self, module: initialised.append(type(module).__name__) or original(self, module))
+
+    loaded = load_model(str(directory), device="cpu")
+
+    assert initialised == []  # transformers' random init never ran: every weight is the checkpoint's
+    assert not any(tensor.is_meta for tensor in loaded.model.state_dict().values())
+    states = loaded.hidden_states(loaded.prepare(torch.randn(1, 24000)))
+    assert states.shape == (1, 3, 74, 32) and torch.isfinite(states).all()
