@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 # The order the docs list benchmarks in: the order.
-ORDER = ("model-bound", "overhead", "noop", "memory", "storage", "seed-baseline", "gpu")
+ORDER = ("model-bound", "end-to-end", "overhead", "dataset-size", "noop", "memory", "storage", "seed-baseline", "gpu")
 
 
 def _value(value: Any, unit: str = "") -> str:

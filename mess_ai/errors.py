@@ -22,10 +22,6 @@ class InputError(MessError):
         self.stage = stage
         super().__init__(f"{self.path}: {reason}")
 
-    def __reduce__(self) -> tuple:
-        # Pickled as its three fields (the default would pass the one message): it crosses from decoding processes.
-        return type(self), (self.path, self.reason, self.stage)
-
 
 class AudioError(InputError):
     """An audio file cannot be read, decoded or used (not audio, too short, non-finite samples, ...)."""

@@ -8,6 +8,7 @@ thread that started a process ends), which is why a worker is never started from
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -22,7 +23,14 @@ from pathlib import Path
 import numpy as np
 
 import mess_ai
-from mess_ai.audio.decode_worker import read_message, read_segment, unlink_segment, write_message
+from mess_ai.audio.decode_worker import (
+    error_from,
+    read_message,
+    read_segment,
+    sweep_segments,
+    unlink_segment,
+    write_message,
+)
 from mess_ai.audio.validation import AudioLimits
 from mess_ai.errors import MessError
 
@@ -105,6 +113,8 @@ class DecodePool:
         if workers < 1:
             raise ValueError(f"a decode pool needs at least one worker, got {workers}")
         self.workers = workers
+        for name in sweep_segments():
+            log.info("Removed shared memory left by a run that died: %s.", name)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
         self._processes: dict[int, subprocess.Popen] = {}
@@ -123,7 +133,8 @@ class DecodePool:
         if self._closed.is_set():
             future.set_exception(DecodePoolClosed(f"{path}: the decoding processes were stopped"))
         else:
-            self._queue.put(((str(path), tuple(expected_identity), sampling_rate, limits), future))
+            self._queue.put(([str(path), list(expected_identity), sampling_rate, dataclasses.asdict(limits)],
+                             future))
         return future
 
     def pids(self) -> list[int]:
@@ -225,7 +236,7 @@ class DecodePool:
         return process
 
     @staticmethod
-    def _ask(process: subprocess.Popen, request: tuple) -> tuple | None:
+    def _ask(process: subprocess.Popen, request: list) -> list | None:
         """The worker's reply to ``request``, or None when it died (before or while answering)."""
         try:
             write_message(process.stdin, request)
@@ -233,7 +244,7 @@ class DecodePool:
         except (OSError, EOFError, ValueError):  # a broken pipe, or a stream closed by ``close``
             return None
 
-    def _deliver(self, reply: tuple, future: Future) -> None:
+    def _deliver(self, reply: list, future: Future) -> None:
         kind = reply[0]
         if kind == "decoded":
             _, name, n_samples, seconds = reply
@@ -246,7 +257,7 @@ class DecodePool:
         elif kind == "changed":
             future.set_exception(NotTheSameFile(reply[1]))
         else:
-            future.set_exception(reply[1])
+            future.set_exception(error_from(reply[1]))
 
     def _stop(self, slot: int, process: subprocess.Popen) -> None:
         """Close the worker's stdin (it exits), and kill it if it has not within ``_EXIT_SECONDS``."""

@@ -16,6 +16,7 @@ import pytest
 
 from mess_ai.audio import AudioLimits, discover_audio, identity, load_mono
 from mess_ai.audio.decode_pool import DecodePool, default_decode_workers
+from mess_ai.audio.decode_worker import read_segment, sweep_segments, write_segment
 from mess_ai.config import ExtractConfig
 from mess_ai.deadline import StageTimeout, run_within
 from mess_ai.extraction.decoding import budget_seconds
@@ -74,6 +75,20 @@ def test_a_worker_decodes_the_same_samples_as_load_mono_in_process(tmp_path):
     assert not decode_workers()
     assert not [name for name in os.listdir("/dev/shm") if name.startswith("mess-ai-")]
 
+
+
+def test_shared_memory_left_by_a_dead_run_is_swept_and_a_live_runs_is_not():
+    gone = psutil.Popen(["true"])
+    gone.wait()
+    samples = np.arange(8, dtype=np.float32)
+    orphan, ours = write_segment(samples, gone.pid), write_segment(samples, os.getpid())
+    try:
+        assert sweep_segments() == [orphan.lstrip("/")]
+        assert np.array_equal(read_segment(ours, len(samples)), samples)  # read (and unlinked) as a run does
+    finally:
+        for name in (orphan, ours):
+            if os.path.exists(f"/dev/shm{name}"):
+                os.unlink(f"/dev/shm{name}")
 
 def test_runs_with_and_without_workers_give_the_same_features_and_the_same_failure_rows(tmp_path, tiny_model):
     audio = tmp_path / "audio"
