@@ -241,6 +241,8 @@ def test_a_run_takes_its_gpu_slot_once_and_gives_it_back(tmp_path, tiny_model, m
         write_audio(audio / f"t{i}.wav", seconds=2.0, frequency=300 + 20 * i)
     result = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=1, gpu_limit="gpu-once-test")
     assert result["done"] == 3 and len(result["model_work"]) == 3
+    # Two chunks in flight take turns on one extractor: the model's seconds are counted once, within the turns.
+    assert result["stage_seconds"]["extract"] <= sum(end - start for start, end, _ in result["model_work"])
     assert taken == ["gpu-once-test"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-once-test").active_slots == 0

@@ -153,10 +153,12 @@ class ModelStage:
                     with self._lock:
                         self._works_on[device] += 1
                 extractor = self._worker(device).extractor
-                started, batches = time.time(), extractor.stats.batches
+                started, batches, seconds = time.time(), extractor.stats.batches, extractor.stats.model_seconds
                 try:
                     yield
                 finally:
+                    # Counted per turn: works of two chunks take turns on one device's extractor.
+                    self.stats.add("extract", extractor.stats.model_seconds - seconds)
                     if extractor.stats.batches != batches:  # a turn given up before any batch held no model work
                         self.stats.add_model_work(started, time.time(), device)
 
@@ -164,7 +166,6 @@ class ModelStage:
         """The model's work on ``jobs`` on ``worker``'s device, each written as it completes."""
         outcomes = []
         extractor = worker.extractor
-        before = extractor.stats.model_seconds
         try:
             with self.stats.watch("extract"):
                 on_raw = _write_raw_window if self.config.keep_raw else None
@@ -173,7 +174,6 @@ class ModelStage:
                     outcomes.append(self._finish(job, worker.device))
                     self.activity.set(doing)
         finally:
-            self.stats.add("extract", extractor.stats.model_seconds - before)
             self.stats.add_first_window(extractor.stats.first_batch_at)
         return outcomes
 
