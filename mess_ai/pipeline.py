@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
@@ -474,22 +474,9 @@ def _extract_on_every_device(session: ExtractionSession, sources: list[AudioSour
     if streams <= 1:
         stream(sources)
         return
-    errors: list[BaseException] = []
-
-    def run(part: list[AudioSource]) -> None:
-        try:
-            stream(part)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(sources[i::streams],), name=f"mess-ai-stream-{i}")
-               for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    # Every stream runs to its end; the first error of one is raised here once all have ended.
+    with ThreadPoolExecutor(streams, thread_name_prefix="mess-ai-stream") as pool:
+        list(pool.map(stream, [sources[i::streams] for i in range(streams)]))
 
 
 async def run_extraction_async(audio_dir: str | Path, store_root: str | Path, **kwargs: Any) -> RunSummary:

@@ -74,7 +74,7 @@ def test_two_sessions_preparing_the_same_files_never_wait_for_each_other(tmp_pat
     config = ExtractConfig(model=tiny_model, device="cpu")
     sessions = [ExtractionSession(tmp_path / "store", "audio", config) for _ in range(2)]
     a, b = (s.validate(s.plan(s.discover(audio))) for s in sessions)
-    # As the flow prepares a chunk (preprocess_files: the whole chunk before extraction).
+    # As a chunk's decode-ahead thread takes its tracks, one after the other (session.preprocess).
     prepared = [sessions[0].preprocess(a), sessions[1].preprocess(b)]
     first = [next(prepared[0]), next(prepared[1])]
     results: dict[int, list] = {}
