@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # A CPU build of torch is on this kind of machine's disk; on a GPU host set TORCH_SPEC=torch (or a CUDA wheel).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# make test runs the suite in 2 processes (pytest-xdist): much of it waits on servers, schedules and child
+# processes, so 2 halve its time on a 2-core machine. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo bench soak soak-nightly server deploy worker watch serve e2e-scale clean
 
@@ -40,7 +43,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	touch $@
 
 test: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/mess-ai demo --workdir .demo

@@ -14,7 +14,36 @@ if "MESS_AI_CACHE_DIR" not in os.environ:
 
     os.environ["MESS_AI_CACHE_DIR"] = tempfile.mkdtemp(prefix="mess-ai-test-cache-")
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Run first, so that under `pytest -n` (make test) the longest test is not the suite's tail: mostly waiting (for
+# a scheduler, heartbeats, a webhook), it overlaps the rest of the suite on the other worker.
+LONGEST_FIRST = ("tests/test_nightly.py", "tests/test_hostile_input.py::test_a_file_the_process_dies_on",
+                 "tests/test_kill.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # a stable sort: the rest keep order
+
+
+_figures: list[tuple[str, dict]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the reliability tests' figures (tests/reliability/conftest.py) from the reports, which reach the
+    controller of ``pytest -n`` from its workers."""
+    if report.when == "call":
+        _figures.extend((report.nodeid.rsplit("::", 1)[-1], data) for name, data in report.user_properties
+                        if name == "reliability-figures")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _figures:
+        terminalreporter.section("reliability figures")
+        for name, data in _figures:
+            terminalreporter.write_line(f"{name}: {json.dumps(data, sort_keys=True)}")
 
 
 @pytest.fixture(scope="session")

@@ -73,7 +73,7 @@ def test_a_worker_decodes_the_same_samples_as_load_mono_in_process(tmp_path):
         expected = load_mono(path, 24000)
         assert samples.dtype == np.float32 and np.array_equal(samples, expected), path.name
     assert not decode_workers()
-    assert not [name for name in os.listdir("/dev/shm") if name.startswith("mess-ai-")]
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"mess-ai-{os.getpid()}-")]
 
 
 
