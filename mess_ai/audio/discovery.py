@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import os
@@ -28,14 +29,20 @@ _NOT_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 class AudioSource:
     """One audio file found under a root.
 
-    ``path`` is absolute but not resolved (a symlinked file keeps its link path), ``relative`` is the POSIX path
-    from the root, ``track_id`` is ``make_track_id(relative)``, except for *twins*: files whose names differ only
-    in Unicode normalisation, which get ``make_track_id(relative, normalise=False)`` (see ``discover_audio``).
+    ``location`` (and ``path``, the same as a ``Path``) is absolute but not resolved (a symlinked file keeps its
+    link path), ``relative`` is the POSIX path from the root, ``track_id`` is ``make_track_id(relative)``, except for
+    *twins*: files whose names differ only in Unicode normalisation, which get ``make_track_id(relative,
+    normalise=False)`` (see ``discover_audio``).
     """
 
-    path: Path
+    location: str
     relative: str
     track_id: str
+
+    # Made when first asked for: a walk of 100,000 files spent a second making Path objects few of them need.
+    @functools.cached_property
+    def path(self) -> Path:
+        return Path(self.location)
 
 
 def discover_audio(root: str | Path) -> list[AudioSource]:
@@ -86,7 +93,7 @@ def discover_audio(root: str | Path) -> list[AudioSource]:
     for spellings in found.values():
         if len(spellings) > 1:
             _warn_twins(root_path, sorted(relative for _, relative in spellings))
-        sources += [AudioSource(Path(path), relative, make_track_id(relative, normalise=len(spellings) == 1))
+        sources += [AudioSource(path, relative, make_track_id(relative, normalise=len(spellings) == 1))
                     for path, relative in spellings]
     sources.sort(key=lambda source: source.relative)
     return sources
@@ -157,7 +164,7 @@ def audio_source_at(root: str | Path, path: str | Path) -> AudioSource | None:
         return None
     normalised = unicodedata.normalize("NFC", relative)
     has_twins = normalised != relative and len(_spellings(root_path, real_root, normalised)) > 1
-    return AudioSource(Path(full), relative, make_track_id(relative, normalise=not has_twins))
+    return AudioSource(full, relative, make_track_id(relative, normalise=not has_twins))
 
 
 def _spellings(root_path: str, real_root: str, normalised: str) -> list[str]:

@@ -61,7 +61,7 @@ def opened_or_error(source: AudioSource, allow_empty: bool = False
 def content_hash(source: AudioSource, row: Row | None) -> str:
     """sha256 of the file's bytes: the row's while size, mtime and identity are unchanged, else read from the file
     opened the safe way (a FIFO raises at once, never blocks)."""
-    known = known_sha256(row, source.path.stat())
+    known = known_sha256(row, os.stat(source.location))
     if known is not None:
         return known
     with open_audio(source.path, allow_empty=True) as opened:
