@@ -58,17 +58,28 @@ def test_analyze_on_the_demo_store_writes_report_and_plots(demo_store, capsys):
     assert printed["clusters"]["n_clusters"] == 3 and printed["baseline"]["reason"] == "not requested"
 
 
-def test_analyze_prints_a_flow_result_as_it_prints_the_report(demo_store, capsys):
-    """The main CLI runs the analysis as a flow, whose result is the report's JSON: the summary is the same."""
+def test_analyze_prints_a_flow_result_as_it_prints_the_report(demo_store, tmp_path, capsys, caplog):
+    """The main CLI runs the analysis as a flow, whose result is the report's JSON: the summary is the same, notes
+    included. Labels naming a recording that is not extracted (the demo's broken file failed) are one: warned
+    about, printed, and kept in the report file."""
     from mess_ai.analysis.report import run_analysis
 
     def as_flow(*args, **kwargs) -> dict:
         return run_analysis(*args, **kwargs).to_json()
 
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,instrument\nstrings/a_minor_drone.wav,strings\nstrings/e_major_drone.flac,strings\n"
+                      "piano/arpeggio.ogg,piano\npiano/staccato.mp3,piano\npercussion/noise_bursts.wav,percussion\n"
+                      "broken/not_really_audio.wav,none\n")
+    note = (f"{labels}: 1 of 6 rows name recordings that are not extracted ('broken/not_really_audio.wav' "
+            "(line 7)); the analysis uses the labels of the 5 that are extracted")
     capsys.readouterr()
-    assert run("analyze", "--store", demo_store, "--no-baseline") == 0
+    assert run("analyze", "--store", demo_store, "--no-baseline", "--labels", labels) == 0
     direct = capsys.readouterr().out
-    assert run("analyze", "--store", demo_store, "--no-baseline", analyze_runner=as_flow) == 0
+    assert f"  note: {note}\n" in direct and "label 'instrument': 5 labelled" in direct
+    assert strict_json((demo_store / "demo" / "reports" / "report.json").read_text())["notes"][0] == note
+    assert note in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert run("analyze", "--store", demo_store, "--no-baseline", "--labels", labels, analyze_runner=as_flow) == 0
     assert capsys.readouterr().out == direct and "MFCC + chroma baseline: not computed (not requested)" in direct
 
 
@@ -91,9 +102,10 @@ def test_usage_errors_exit_2_with_a_message(demo_store, tmp_path, capsys):
     assert run("analyze", "--store", demo_store, "--clusters", "9") == 2
     assert "number of clusters is 9 for 5 tracks; valid values are 2 to n_tracks - 1 = 4" in capsys.readouterr().err
     labels = tmp_path / "labels.csv"
-    labels.write_text("file,genre\nstaccato.mp3,piano\nmissing.wav,none\n")
+    labels.write_text("file,genre\nmissing.wav,none\n")
     assert run("analyze", "--store", demo_store, "--labels", labels) == 2
-    assert "'missing.wav' (line 3)" in capsys.readouterr().err
+    assert "none of its 1 rows names an extracted track of the dataset (5 tracks): 'missing.wav' (line 2)" in (
+        capsys.readouterr().err)
     assert run("analyze", "--store", tmp_path / "nowhere") == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
