@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,3 +124,23 @@ def test_dataset_must_be_named_when_the_store_has_several(tmp_path, capsys):
     assert "has 2 datasets (one, two): choose one with --dataset" in capsys.readouterr().err
     assert run("similar", "--store", tmp_path / "store", "--dataset", "two", "t0", "-k", "1") == 0
     assert "1 most similar tracks to t0" in capsys.readouterr().out
+
+
+def test_the_first_query_says_it_builds_the_index_and_no_query_reads_as_an_error(tmp_path):
+    """As a user runs it: the first query of a dataset, and the first after its tracks changed, say that the
+    search index is being built and why; a query that finds the index built says nothing."""
+    vectors = np.random.default_rng(0).standard_normal((4, 3, 8)).astype(np.float32)
+    write_store(tmp_path / "store", "ds", {f"t{i}": v for i, v in enumerate(vectors[:3])})
+
+    def similar() -> str:
+        proc = subprocess.run([sys.executable, "-m", "cli", "similar", "--store", str(tmp_path / "store"), "t0"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "1. " in proc.stdout, proc.stderr
+        assert not re.search("unusable|error", proc.stderr, re.IGNORECASE), proc.stderr
+        return proc.stderr
+
+    assert "building the search index of dataset 'ds' (3 tracks, layer mean): first query\n" in similar()
+    assert "building" not in similar()
+    write_store(tmp_path / "store", "ds", {"t3": vectors[3]})
+    assert ("building the search index of dataset 'ds' (4 tracks, layer mean): the tracks changed since it was "
+            "built\n") in similar()
