@@ -1,7 +1,8 @@
 """The ``similar`` and ``analyze`` subcommands, added to the ``mess-ai`` parser by ``register(subparsers)``.
 
-Both are thin shells over ``find_similar`` and ``run_analysis``. Exit codes: 0 done, 2 usage error (unknown
-track, bad labels, missing store), with ``mess-ai: error: ...`` on stderr.
+Both are thin shells over ``find_similar`` (``embed_recording`` and ``find_similar_to_embedding`` for
+``similar --audio``) and ``run_analysis``. Exit codes: 0 done, 2 usage error (unknown track, bad labels, missing
+store, an unusable recording or model), with ``mess-ai: error: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _fail(exc: Exception) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
+    if args.audio is not None:
+        return _similar_to_audio(args)
     from mess_ai.analysis.search import find_similar
 
     try:
@@ -47,14 +50,36 @@ def cmd_similar(args: argparse.Namespace) -> int:
                                diverse=args.diverse, manifest_url=args.manifest_url)
     except _USAGE_ERRORS as exc:
         return _fail(exc)
+    _print_similar(args, results, args.track)
+    return EXIT_OK
+
+
+def _similar_to_audio(args: argparse.Namespace) -> int:
+    from mess_ai.analysis.audio_search import embed_recording, find_similar_to_embedding
+    from mess_ai.analysis.search import check_k
+
+    try:
+        check_k(args.k)
+        recording = embed_recording(args.store, args.dataset, args.audio, manifest_url=args.manifest_url)
+        results = find_similar_to_embedding(args.store, recording, args.k, args.layer, args.diverse,
+                                            manifest_url=args.manifest_url)
+    except (*_USAGE_ERRORS, OSError) as exc:  # OSError: the recording cannot be read (no permission, I/O)
+        return _fail(exc)
+    if not args.json:
+        print(f"embedded {recording.path}: {recording.duration_seconds:.1f} s, {recording.n_windows} window"
+              f"{'s' * (recording.n_windows != 1)}, model {recording.model} (as dataset '{recording.dataset}')")
+    _print_similar(args, results, str(recording.path))
+    return EXIT_OK
+
+
+def _print_similar(args: argparse.Namespace, results: list[dict], query: str) -> None:
     if args.json:
         print(json.dumps(results, indent=2))
-        return EXIT_OK
+        return
     how = "diversified (maximal marginal relevance)" if args.diverse else "most similar"
-    print(f"{len(results)} {how} tracks to {args.track} (layer {args.layer}, cosine of centred embeddings):")
+    print(f"{len(results)} {how} tracks to {query} (layer {args.layer}, cosine of centred embeddings):")
     for r in results:
         print(f"  {r['rank']:3d}. {r['similarity']:+.3f}  {r['relative_path']}  [{r['track_id']}]")
-    return EXIT_OK
 
 
 def _print_clusters(report: AnalysisReport) -> None:
@@ -145,9 +170,13 @@ def register(subparsers: argparse._SubParsersAction,
              analyze_runner: Callable[..., AnalysisReport | dict] | None = None) -> None:
     """Add ``similar`` and ``analyze`` to the ``mess-ai`` subcommands. ``analyze_runner`` replaces
     ``run_analysis`` (same arguments), e.g. to run it as a Prefect flow; it may return the report's JSON."""
-    p = subparsers.add_parser("similar", help="tracks most similar to one track of the store")
-    p.add_argument("track", metavar="TRACK_ID",
-                   help="track id, path relative to the audio folder, or a file name only one track has")
+    p = subparsers.add_parser("similar", help="tracks most similar to one track of the store, or to a recording")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("track", metavar="TRACK_ID", nargs="?",
+                       help="track id, path relative to the audio folder, or a file name only one track has")
+    query.add_argument("--audio", type=Path, metavar="FILE",
+                       help="a recording (not added to the store), embedded as the dataset's own files were: "
+                            "with the model, windows and precision of its provenance.json")
     _add_store_args(p)
     p.add_argument("-k", type=int, default=10, help="number of tracks to list (default 10)")
     p.add_argument("--layer", type=_layer, default="mean",

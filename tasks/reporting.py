@@ -59,7 +59,8 @@ def publish_run_artifacts(summary: RunSummary, store: FeatureStore) -> None:
 
 
 def publish_analysis_artifacts(report: AnalysisReport) -> None:
-    """The analysis metrics, the per-layer table and the plots (embedded, so the UI shows them)."""
+    """The analysis metrics, the per-layer table, and the report's notes with the plots (embedded, so the UI shows
+    them)."""
     import base64
     from pathlib import Path
 
@@ -71,9 +72,11 @@ def publish_analysis_artifacts(report: AnalysisReport) -> None:
     create_table_artifact(analysis_layer_table(report), key=artifact_key(dataset, "analysis-layers"),
                           description="Metrics per hidden state (0 = convolutional front end)")
     sections = [f"# Embedding analysis: {dataset}", "", f"Report: `{report.files.report}`", ""]
+    if report.notes:  # e.g. labels of recordings that are not extracted: the reader must see what was left out
+        sections += ["## Notes", "", *(f"- {note}" for note in report.notes), ""]
     for name, path in report.files.plots.items():
         encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         sections += [f"## {name.replace('_', ' ')}", "", f"![{name}](data:image/png;base64,{encoded})", "",
                      f"`{path}`", ""]
     create_markdown_artifact("\n".join(sections), key=artifact_key(dataset, "analysis-plots"),
-                             description="Analysis plots (also saved as PNG files in the store)")
+                             description="Analysis notes and plots (the plots also saved as PNG files in the store)")

@@ -283,8 +283,11 @@ def test_analysis_flow_publishes_metrics_and_plots(tmp_path, tiny_model):
 
     write_demo_audio(tmp_path / "audio")
     run_flow(tmp_path / "audio", tmp_path / "store", tiny_model, dataset="demo-analysis")
-    report = analyze_store(store=str(tmp_path / "store"), dataset="demo-analysis")
-    assert report["n_tracks"] == 5
+    # Labels naming a recording that is not extracted (the demo's broken file failed): the report's note says so.
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,instrument\narpeggio.ogg,piano\nstaccato.mp3,piano\nnot_really_audio.wav,none\n")
+    report = analyze_store(store=str(tmp_path / "store"), dataset="demo-analysis", labels_csv=str(labels))
+    assert report["n_tracks"] == 5 and "1 of 3 rows name recordings that are not extracted" in report["notes"][0]
     metrics = {r["measure"]: r["value"] for r in table(latest_artifact(artifact_key("demo-analysis",
                                                                                     "analysis-metrics")))}
     assert metrics["tracks"] == 5 and metrics["clusters (k-means)"] == report["clusters"]["n_clusters"]
@@ -292,3 +295,4 @@ def test_analysis_flow_publishes_metrics_and_plots(tmp_path, tiny_model):
     assert [row["layer"] for row in layers] == [0, 1, 2]
     plots = latest_artifact(artifact_key("demo-analysis", "analysis-plots")).data
     assert plots.count("data:image/png;base64,") == len(report["files"]["plots"]) >= 4
+    assert f"## Notes\n\n- {report['notes'][0]}\n" in plots

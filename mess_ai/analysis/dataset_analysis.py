@@ -83,6 +83,7 @@ class AnalysisInputs:
     labels: Labels
     label_source: str | None
     baseline: BaselineFeatures | None  # None: not requested
+    notes: tuple[str, ...] = ()  # for the report, e.g. labels of recordings that are not extracted
 
     @property
     def layer_mean(self) -> np.ndarray:
@@ -94,8 +95,9 @@ def load_inputs(store_root: str | Path, dataset: str | None = None, labels_csv: 
                 n_clusters: int | None = None, *, baseline: bool = True, manifest_url: str | None = None
                 ) -> AnalysisInputs:
     """A dataset's features (every hidden state), its labels (``labels_csv``, else the tracks' top folders when
-    there are at least two) and, with ``baseline``, MFCC + chroma statistics of the source audio (cached).
-    ValueError for fewer than 3 tracks, a bad ``n_clusters`` or bad labels, before any audio is decoded."""
+    there are at least two; rows of recordings that are not extracted are left out, with a note) and, with
+    ``baseline``, MFCC + chroma statistics of the source audio (cached). ValueError for fewer than 3 tracks, a bad
+    ``n_clusters`` or bad labels, before any audio is decoded."""
     data = load_dataset_features(store_root, dataset, layer=LAYER_ALL, manifest_url=manifest_url)
     n = len(data.tracks)
     if n < 3:
@@ -103,8 +105,10 @@ def load_inputs(store_root: str | Path, dataset: str | None = None, labels_csv: 
                          "analysis needs at least 3")
     if n_clusters is not None:
         check_n_clusters(n_clusters, n)
+    notes: list[str] = []
     if labels_csv is not None:
-        labels, label_source = read_labels_csv(labels_csv, data.tracks), str(labels_csv)
+        labels, notes = read_labels_csv(labels_csv, data.tracks)
+        label_source = str(labels_csv)
     else:
         labels = folder_labels(data.tracks) or {}
         label_source = "top folder of each file" if labels else None
@@ -113,7 +117,7 @@ def load_inputs(store_root: str | Path, dataset: str | None = None, labels_csv: 
         config = BaselineConfig()
         found, vectors, skipped = dataset_baseline(data.dataset_dir, data.tracks, config)
         features = BaselineFeatures(config, tuple(found), vectors, tuple(skipped))
-    return AnalysisInputs(data, labels, label_source, features)
+    return AnalysisInputs(data, labels, label_source, features, tuple(notes))
 
 
 def analyze_dataset(inputs: AnalysisInputs, n_clusters: int | None = None, random_state: int = 0) -> AnalysisReport:
@@ -150,7 +154,7 @@ def analyze_dataset(inputs: AnalysisInputs, n_clusters: int | None = None, rando
         method_comparison=_method_comparison(features, sample, found, B, labels, diversity),
         baseline=baseline,
         tracks=_tracks(tracks, analysis, labels),
-        notes=(*([kmeans_note] if kmeans_note else []), *notes),
+        notes=(*inputs.notes, *([kmeans_note] if kmeans_note else []), *notes),
         map_variance=tuple(float(v) for v in analysis.map_variance),
     )
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from mess_ai.analysis.loading import TrackInfo, match_track
+
+log = logging.getLogger(__name__)
 
 FILE_COLUMN = "file"
 FOLDER_LABEL = "folder"
@@ -15,12 +18,14 @@ FOLDER_LABEL = "folder"
 Labels = dict[str, list[str | None]]
 
 
-def read_labels_csv(path: str | Path, tracks: Sequence[TrackInfo]) -> Labels:
+def read_labels_csv(path: str | Path, tracks: Sequence[TrackInfo]) -> tuple[Labels, list[str]]:
     """Labels from a CSV whose ``file`` column names a track (file name, path relative to the audio folder, or
     track id); every other column is a label. Empty cells mean "no label". Tracks without a row have no label.
+    Also returns the notes for the report: rows naming recordings that are not extracted (labels of a whole
+    corpus, a few files extracted so far) are left out, with a logged warning that says how many.
 
-    ValueError, naming the rows, for a missing ``file`` column, no label column, rows naming no known track, or
-    two rows naming the same track.
+    ValueError, naming the rows, for a missing ``file`` column, no label column, a name matching several tracks,
+    two rows naming the same track, or no row naming an extracted track.
     """
     path = Path(path)
     with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -36,7 +41,10 @@ def read_labels_csv(path: str | Path, tracks: Sequence[TrackInfo]) -> Labels:
         unknown, seen = [], {}
         for row in reader:
             name = (row.get(FILE_COLUMN) or "").strip()
-            index = match_track(name, tracks) if name else None
+            try:
+                index = match_track(name, tracks) if name else None
+            except ValueError as exc:  # a file name several tracks have
+                raise ValueError(f"{path}, line {reader.line_num}: {exc}") from None
             if index is None:
                 unknown.append(f"{name!r} (line {reader.line_num})")
                 continue
@@ -47,13 +55,18 @@ def read_labels_csv(path: str | Path, tracks: Sequence[TrackInfo]) -> Labels:
             for column in label_columns:
                 value = (row.get(column) or "").strip()
                 labels[column][index] = value or None
-    if unknown:
-        raise ValueError(f"{path}: {len(unknown)} of {len(unknown) + len(seen)} rows name no extracted track of the "
-                         f"dataset ({len(tracks)} tracks): {', '.join(unknown[:5])}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    if not seen:
+    if not seen and not unknown:
         raise ValueError(f"{path}: no rows")
-    return labels
+    examples = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    if not seen:
+        raise ValueError(f"{path}: none of its {len(unknown)} rows names an extracted track of the dataset "
+                         f"({len(tracks)} tracks): {examples}")
+    notes = []
+    if unknown:
+        notes.append(f"{path}: {len(unknown)} of {len(unknown) + len(seen)} rows name recordings that are not "
+                     f"extracted ({examples}); the analysis uses the labels of the {len(seen)} that are extracted")
+        log.warning("%s", notes[-1])
+    return labels, notes
 
 
 def folder_labels(tracks: Sequence[TrackInfo]) -> Labels | None:

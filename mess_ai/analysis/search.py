@@ -1,4 +1,5 @@
-"""Similar-track search: cosine neighbours of a stored track, optionally diversified by maximal marginal relevance.
+"""Similar-track search: cosine neighbours of a stored track (or of a vector from outside, see
+``mess_ai.analysis.audio_search``), optionally diversified by maximal marginal relevance.
 
 Vectors are centred and L2-normalised (``PreprocessConfig()``), so the similarity is the cosine after removing
 what all tracks share. The fitted transform is cached under ``<store>/<dataset>/index/``; from
@@ -62,12 +63,22 @@ def cosine_neighbours(vectors: np.ndarray, query: int, k: int) -> tuple[np.ndarr
     n = vectors.shape[0]
     if not 0 <= query < n:
         raise ValueError(f"query index {query} is out of range for {n} vectors")
+    return _nearest_rows(vectors, vectors[query], k, exclude=query)
+
+
+def _nearest_rows(vectors: np.ndarray, q: np.ndarray, k: int, exclude: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """For unit rows ``vectors`` [n, d] and a unit ``q`` [d]: the indices int [m] and similarities float [m] of
+    the m rows most similar to ``q`` (m = k, at most the rows there are besides ``exclude``), most similar first,
+    ties by index."""
     if k < 1:
         raise ValueError(f"k is {k}; it must be at least 1")
-    similarities = vectors @ vectors[query]
-    similarities[query] = -np.inf
-    m = min(k, n - 1)
-    top = np.argpartition(-similarities, m - 1)[:m] if m < n - 1 else np.flatnonzero(np.arange(n) != query)
+    similarities = vectors @ q
+    candidates = np.arange(len(vectors))
+    if exclude is not None:
+        candidates = candidates[candidates != exclude]
+    m = min(k, len(candidates))
+    top = candidates[np.argpartition(-similarities[candidates], m - 1)[:m]] if m < len(candidates) else candidates
     order = np.lexsort((top, -similarities[top]))
     return top[order], similarities[top[order]]
 
@@ -100,9 +111,11 @@ def mmr_select(query: np.ndarray, candidates: np.ndarray, k: int, lambda_: float
 
 @dataclass(frozen=True, eq=False)
 class SearchIndex:
-    """Unit vectors of a dataset's tracks: in memory (``vectors`` float32 [n, d]) or in a faiss index."""
+    """Unit vectors of a dataset's tracks, in memory (``vectors`` float32 [n, d]) or in a faiss index, and the
+    fitted ``transform`` that made them from the tracks' aggregated vectors (one layer or the layer mean)."""
 
     tracks: tuple[TrackInfo, ...]
+    transform: FittedTransform
     vectors: np.ndarray | None
     faiss_index: Any | None
 
@@ -113,15 +126,25 @@ class SearchIndex:
             return self.vectors[indices]
         return self.faiss_index.reconstruct_batch(indices)
 
-    def neighbours(self, query: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Like ``cosine_neighbours``: the query excluded, most similar first."""
+    def query_vector(self, vector: np.ndarray) -> np.ndarray:
+        """A vector from outside the index, float [hidden] as the tracks' own (same layer), through the tracks'
+        transform: float32 [d], comparable with the rows."""
+        vector = np.asarray(vector)
+        if vector.shape != (self.transform.n_features,):
+            raise ValueError(f"the query vector has shape {list(vector.shape)}; the index's tracks have "
+                             f"[{self.transform.n_features}]")
+        return self.transform.transform(vector[None])[0].astype(np.float32)
+
+    def nearest(self, q: np.ndarray, k: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The indices int [m] and similarities float [m] of the tracks most similar to the unit ``q`` float32 [d]
+        (a row, or a ``query_vector``), ``exclude`` left out; m = k, at most the tracks there are. Most similar
+        first."""
         if self.vectors is not None:
-            return cosine_neighbours(self.vectors, query, k)
-        m = min(k, len(self.tracks) - 1)
-        q = self.vector_rows([query])
-        # One more than asked, because the query finds itself (or a tie with itself) among the results.
-        similarities, indices = self.faiss_index.search(q, m + 1)
-        keep = indices[0] != query
+            return _nearest_rows(self.vectors, q, k, exclude)
+        m = min(k, len(self.tracks) - (exclude is not None))
+        # One more than asked when a track is left out: a query row finds itself (or a tie with itself).
+        similarities, indices = self.faiss_index.search(q[None], m + (exclude is not None))
+        keep = indices[0] != exclude if exclude is not None else indices[0] >= 0
         return indices[0][keep][:m].astype(np.int64), similarities[0][keep][:m].astype(np.float64)
 
 
@@ -132,21 +155,26 @@ def _cache_key(fingerprint: str, layer: Layer) -> str:
 
 
 def _load_cached(index_dir: Path, name: str, key: str, n_tracks: int, faiss: Any | None
-                 ) -> FittedTransform | Any | None:
-    """From the cache built for ``key``: the faiss index when ``faiss`` is given, else the fitted transform.
-    None when the cache is stale, unusable or of the other kind."""
+                 ) -> tuple[tuple[FittedTransform, Any | None] | None, str]:
+    """((the fitted transform, the faiss index when ``faiss`` is given), "") from the cache built for ``key``; or
+    (None, why there is none to use): no cache yet, one built for other tracks or another kind of index, or one
+    that cannot be read."""
+    meta_path = index_dir / f"{name}.json"
+    if not meta_path.exists():
+        return None, "first query"
     try:
-        meta = json.loads((index_dir / f"{name}.json").read_text(encoding="utf-8"))
-        if meta.get("key") != key or (meta["faiss"] is None) != (faiss is None):
-            return None
-        if faiss is not None:
-            index = faiss.read_index(str(index_dir / meta["faiss"]))
-            return index if index.ntotal == n_tracks else None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None, "the tracks changed since it was built"
+        if (meta["faiss"] is None) != (faiss is None):
+            return None, f"it was built {'without' if faiss is not None else 'with'} faiss"
         transform, transform_meta = FittedTransform.load(index_dir / meta["transform"])
-        return transform if transform_meta.get("key") == key else None
+        index = faiss.read_index(str(index_dir / meta["faiss"])) if faiss is not None else None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        log.info("search index cache %s unusable (%s): rebuilding it", index_dir / name, exc)
-        return None
+        return None, f"its cache {meta_path} cannot be read ({exc})"
+    if transform_meta.get("key") != key or (index is not None and index.ntotal != n_tracks):
+        return None, f"its cache {meta_path} does not match the files it names"
+    return (transform, index), ""
 
 
 def _write_cache(index_dir: Path, name: str, key: str, transform: FittedTransform, index: Any | None,
@@ -176,12 +204,14 @@ def open_index(store_root: str | Path, dataset: str, tracks: Sequence[TrackInfo]
     faiss = _faiss() if len(tracks) >= faiss_min_tracks else None
     if len(tracks) >= faiss_min_tracks and faiss is None:
         log.info("faiss is not installed: exact numpy search over %d tracks", len(tracks))
-    cached = _load_cached(index_dir, name, key, len(tracks), faiss)
-    if cached is not None and faiss is not None:
-        return SearchIndex(tuple(tracks), None, cached)
+    cached, why_not = _load_cached(index_dir, name, key, len(tracks), faiss)
+    if cached is not None and cached[1] is not None:
+        return SearchIndex(tuple(tracks), cached[0], None, cached[1])
     raw, _ = load_aggregated(store_root, dataset, tracks, layer)
     if cached is not None:
-        return SearchIndex(tuple(tracks), cached.transform(raw).astype(np.float32), None)
+        return SearchIndex(tuple(tracks), cached[0], cached[0].transform(raw).astype(np.float32), None)
+    log.info("building the search index of dataset '%s' (%d tracks, layer %s): %s", dataset, len(tracks), layer,
+             why_not)
     transform = fit_transform(raw, _PREPROCESS)
     vectors = transform.transform(raw).astype(np.float32)
     index = None
@@ -189,7 +219,7 @@ def open_index(store_root: str | Path, dataset: str, tracks: Sequence[TrackInfo]
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
     _write_cache(index_dir, name, key, transform, index, faiss)
-    return SearchIndex(tuple(tracks), vectors, index)
+    return SearchIndex(tuple(tracks), transform, vectors, index)
 
 
 def _unknown_track(name: str, dataset: str, tracks: Sequence[TrackInfo]) -> ValueError:
@@ -198,6 +228,12 @@ def _unknown_track(name: str, dataset: str, tracks: Sequence[TrackInfo]) -> Valu
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ValueError(f"unknown track {name!r} in dataset {dataset!r} ({len(tracks)} extracted tracks): give a "
                       f"track id, a path relative to the audio folder or a file name{hint}")
+
+
+def check_k(k: Any) -> None:
+    """ValueError unless ``k`` is an integer of at least 1."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k is {k!r}; it must be an integer of at least 1")
 
 
 def find_similar(store_root: str | Path, dataset: str | None, track_id: str, k: int = 10,
@@ -210,8 +246,7 @@ def find_similar(store_root: str | Path, dataset: str | None, track_id: str, k: 
     Fewer than ``k`` come back when the dataset has fewer other tracks. ValueError for an unknown track, a bad
     ``k`` or ``layer``, or a dataset of a single track.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k is {k!r}; it must be an integer of at least 1")
+    check_k(k)
     dataset, tracks, _ = read_tracks(store_root, dataset, manifest_url)
     query = match_track(track_id, tracks)
     if query is None:
@@ -221,13 +256,20 @@ def find_similar(store_root: str | Path, dataset: str | None, track_id: str, k: 
     n_states = read_npy_header(aggregated_path(store_root, dataset, tracks[query].track_id))[0][0]
     layer = check_layer(layer, n_states)
     index = open_index(store_root, dataset, tracks, layer, faiss_min_tracks)
+    return ranked(index, index.vector_rows([query])[0], k, diverse, exclude=query)
+
+
+def ranked(index: SearchIndex, q: np.ndarray, k: int, diverse: bool, exclude: int | None = None) -> list[dict]:
+    """The ``k`` tracks of ``index`` most similar to the unit ``q`` float32 [d] (``exclude`` left out) as
+    ``find_similar`` lists them; ``diverse`` re-ranks a wider pool by maximal marginal relevance."""
     if diverse:
-        pool, _ = index.neighbours(query, max(10 * k, 100))
+        pool, _ = index.nearest(q, max(10 * k, 100), exclude)
         candidates = index.vector_rows(pool).astype(np.float64)
-        q = index.vector_rows([query])[0].astype(np.float64)
+        q = q.astype(np.float64)
         picks = mmr_select(q, candidates, k)
         chosen, similarities = pool[picks], candidates[picks] @ q
     else:
-        chosen, similarities = index.neighbours(query, k)
+        chosen, similarities = index.nearest(q, k, exclude)
+    tracks = index.tracks
     return [{"rank": rank, "track_id": tracks[i].track_id, "relative_path": tracks[i].relative_path,
              "similarity": float(s)} for rank, (i, s) in enumerate(zip(chosen, similarities), start=1)]

@@ -1,12 +1,14 @@
 """The work on files, in small steps: what the plan needs to know of them; read a header, open a file, hash it,
 decode and window it, write its features and check them; and the model a dataset's features are made with. Each
-step raises on trouble; the session records the failure against the file and goes on."""
+step raises on trouble; the session records the failure against the file and goes on. ``embed_file`` takes one
+file through the same steps outside any store (a query recording)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -131,19 +133,56 @@ def track_job(track: TrackAttempt, signal: np.ndarray, sampling_rate: int, confi
     from mess_ai.features.extractor import TrackJob
 
     track.duration_seconds = len(signal) / sampling_rate
-    try:
-        bounds = window_bounds(len(signal), sampling_rate, config.window)
-    except ValueError as exc:  # decoded audio shorter than the minimum
-        raise InputError(track.source.path, str(exc), "preprocess") from exc
+    bounds = signal_windows(track.source.path, signal, sampling_rate, config)
     return TrackJob(track.source.track_id, signal, bounds, context=track)
+
+
+def signal_windows(path: str | Path, signal: np.ndarray, sampling_rate: int, config: ExtractConfig
+                   ) -> list[tuple[int, int]]:
+    """The (start, length) of the windows of ``path`` decoded to ``signal`` (float32 [n_samples] at
+    ``sampling_rate``); ``InputError`` naming the file when it is shorter than the minimum."""
+    try:
+        return window_bounds(len(signal), sampling_rate, config.window)
+    except ValueError as exc:  # decoded audio shorter than the minimum
+        raise InputError(path, str(exc), "preprocess") from exc
+
+
+def embed_file(path: str | Path, config: ExtractConfig, extractor: Extractor) -> TrackJob:
+    """One audio file through the steps extraction takes, outside any store (nothing is written, no lock taken):
+    opened the safe way, its header checked (``probe_audio``, as ``header_duration``), decoded and resampled to the
+    model's rate (``load_mono``), cut into windows (``signal_windows``) and run through ``extractor``
+    (``extractor_for``: the model, batch size and precision). Returns the finished job: ``signal`` float32
+    [n_samples], ``segments`` float32 [n_windows, n_states, hidden], ``aggregated()`` float32 [n_states, hidden].
+
+    Bad input raises ``InputError`` naming the file and the reason (not a regular file, not audio, too short,
+    undecodable); a failure of the system ``OSError``; the model's own failure its exception.
+    """
+    from mess_ai.features.extractor import TrackJob
+
+    path = Path(path)
+    sampling_rate = extractor.model.sampling_rate
+    with open_audio(path) as opened:
+        probe_audio(opened, config.window.min_duration_seconds, config.limits)
+        signal = load_mono(opened, sampling_rate, limits=config.limits)
+    job = TrackJob(path.name, signal, signal_windows(path, signal, sampling_rate, config))
+    (job,) = extractor.run([job])
+    if job.error is not None:
+        raise job.error
+    model_segments(job)
+    return job
+
+
+def model_segments(job: TrackJob) -> np.ndarray:
+    """The segments float32 [n_windows, n_states, hidden] of a job the model is done with; ``MessError`` when the
+    model produced non-finite values."""
+    if not np.isfinite(job.segments).all():
+        raise MessError("the model produced non-finite values (NaN or inf)")
+    return job.segments
 
 
 def write_features(store: FeatureStore, job: TrackJob) -> None:
     """Write one track's segments and aggregated features, and put its raw file (if any) in place."""
-    segments = job.segments
-    if not np.isfinite(segments).all():
-        raise MessError("the model produced non-finite values (NaN or inf)")
-    store.write_segments(job.track_id, segments, job.aggregated())
+    store.write_segments(job.track_id, model_segments(job), job.aggregated())
     job.context.complete_files()
 
 

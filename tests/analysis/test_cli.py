@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,17 +61,28 @@ def test_analyze_on_the_demo_store_writes_report_and_plots(demo_store, capsys):
     assert printed["clusters"]["n_clusters"] == 3 and printed["baseline"]["reason"] == "not requested"
 
 
-def test_analyze_prints_a_flow_result_as_it_prints_the_report(demo_store, capsys):
-    """The main CLI runs the analysis as a flow, whose result is the report's JSON: the summary is the same."""
+def test_analyze_prints_a_flow_result_as_it_prints_the_report(demo_store, tmp_path, capsys, caplog):
+    """The main CLI runs the analysis as a flow, whose result is the report's JSON: the summary is the same, notes
+    included. Labels naming a recording that is not extracted (the demo's broken file failed) are one: warned
+    about, printed, and kept in the report file."""
     from mess_ai.analysis.report import run_analysis
 
     def as_flow(*args, **kwargs) -> dict:
         return run_analysis(*args, **kwargs).to_json()
 
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,instrument\nstrings/a_minor_drone.wav,strings\nstrings/e_major_drone.flac,strings\n"
+                      "piano/arpeggio.ogg,piano\npiano/staccato.mp3,piano\npercussion/noise_bursts.wav,percussion\n"
+                      "broken/not_really_audio.wav,none\n")
+    note = (f"{labels}: 1 of 6 rows name recordings that are not extracted ('broken/not_really_audio.wav' "
+            "(line 7)); the analysis uses the labels of the 5 that are extracted")
     capsys.readouterr()
-    assert run("analyze", "--store", demo_store, "--no-baseline") == 0
+    assert run("analyze", "--store", demo_store, "--no-baseline", "--labels", labels) == 0
     direct = capsys.readouterr().out
-    assert run("analyze", "--store", demo_store, "--no-baseline", analyze_runner=as_flow) == 0
+    assert f"  note: {note}\n" in direct and "label 'instrument': 5 labelled" in direct
+    assert strict_json((demo_store / "demo" / "reports" / "report.json").read_text())["notes"][0] == note
+    assert note in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert run("analyze", "--store", demo_store, "--no-baseline", "--labels", labels, analyze_runner=as_flow) == 0
     assert capsys.readouterr().out == direct and "MFCC + chroma baseline: not computed (not requested)" in direct
 
 
@@ -91,9 +105,10 @@ def test_usage_errors_exit_2_with_a_message(demo_store, tmp_path, capsys):
     assert run("analyze", "--store", demo_store, "--clusters", "9") == 2
     assert "number of clusters is 9 for 5 tracks; valid values are 2 to n_tracks - 1 = 4" in capsys.readouterr().err
     labels = tmp_path / "labels.csv"
-    labels.write_text("file,genre\nstaccato.mp3,piano\nmissing.wav,none\n")
+    labels.write_text("file,genre\nmissing.wav,none\n")
     assert run("analyze", "--store", demo_store, "--labels", labels) == 2
-    assert "'missing.wav' (line 3)" in capsys.readouterr().err
+    assert "none of its 1 rows names an extracted track of the dataset (5 tracks): 'missing.wav' (line 2)" in (
+        capsys.readouterr().err)
     assert run("analyze", "--store", tmp_path / "nowhere") == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
@@ -109,3 +124,23 @@ def test_dataset_must_be_named_when_the_store_has_several(tmp_path, capsys):
     assert "has 2 datasets (one, two): choose one with --dataset" in capsys.readouterr().err
     assert run("similar", "--store", tmp_path / "store", "--dataset", "two", "t0", "-k", "1") == 0
     assert "1 most similar tracks to t0" in capsys.readouterr().out
+
+
+def test_the_first_query_says_it_builds_the_index_and_no_query_reads_as_an_error(tmp_path):
+    """As a user runs it: the first query of a dataset, and the first after its tracks changed, say that the
+    search index is being built and why; a query that finds the index built says nothing."""
+    vectors = np.random.default_rng(0).standard_normal((4, 3, 8)).astype(np.float32)
+    write_store(tmp_path / "store", "ds", {f"t{i}": v for i, v in enumerate(vectors[:3])})
+
+    def similar() -> str:
+        proc = subprocess.run([sys.executable, "-m", "cli", "similar", "--store", str(tmp_path / "store"), "t0"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "1. " in proc.stdout, proc.stderr
+        assert not re.search("unusable|error", proc.stderr, re.IGNORECASE), proc.stderr
+        return proc.stderr
+
+    assert "building the search index of dataset 'ds' (3 tracks, layer mean): first query\n" in similar()
+    assert "building" not in similar()
+    write_store(tmp_path / "store", "ds", {"t3": vectors[3]})
+    assert ("building the search index of dataset 'ds' (4 tracks, layer mean): the tracks changed since it was "
+            "built\n") in similar()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mess_ai.analysis.labels import folder_labels, read_labels_csv
-from mess_ai.analysis.loading import load_dataset_features, match_track, resolve_dataset
+from mess_ai.analysis.loading import TrackInfo, load_dataset_features, match_track, resolve_dataset
 from mess_ai.errors import StoreError
 from mess_ai.store.atomic import atomic_save_npy
 from tests.helpers.embeddings import write_store
@@ -87,17 +87,29 @@ def test_match_track_by_id_path_or_unique_name(store):
     assert match_track("d.mp3", tracks) == 3 and match_track("nope.wav", tracks) is None
 
 
-def test_labels_csv(tmp_path, store):
+def test_labels_csv(tmp_path, store, caplog):
     root, _ = store
     tracks = load_dataset_features(root, "ds").tracks
     csv = tmp_path / "labels.csv"
     csv.write_text("\ufefffile,genre,mood\na.wav,rock,\ny/b.flac,jazz,calm\nd,rock,happy\n", encoding="utf-8")
-    labels = read_labels_csv(csv, tracks)
+    labels, notes = read_labels_csv(csv, tracks)
     assert labels == {"genre": ["rock", None, "jazz", "rock"], "mood": [None, None, "calm", "happy"]}
+    assert notes == [] and not caplog.records
 
+    # Labels of a whole corpus, of which a few files are extracted: the rest is left out, with a warning.
     csv.write_text("file,genre\na.wav,rock\nghost.wav,pop\nother/ghost2.wav,pop\n")
-    with pytest.raises(ValueError, match=r"2 of 3 rows name no extracted track of the dataset \(4 tracks\): "
-                                         r"'ghost.wav' \(line 3\), 'other/ghost2.wav' \(line 4\)"):
+    labels, notes = read_labels_csv(csv, tracks)
+    assert labels == {"genre": ["rock", None, None, None]}
+    assert notes == [f"{csv}: 2 of 3 rows name recordings that are not extracted ('ghost.wav' (line 3), "
+                     "'other/ghost2.wav' (line 4)); the analysis uses the labels of the 1 that are extracted"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", notes[0])]
+
+    csv.write_text("file,genre\nghost.wav,pop\n")
+    with pytest.raises(ValueError, match=r"none of its 1 rows names an extracted track of the dataset \(4 tracks\): "
+                                         r"'ghost.wav' \(line 2\)"):
+        read_labels_csv(csv, tracks)
+    csv.write_text("file,genre\n")
+    with pytest.raises(ValueError, match="no rows"):
         read_labels_csv(csv, tracks)
     csv.write_text("name,genre\na.wav,rock\n")
     with pytest.raises(ValueError, match=r"no 'file' column \(columns: name, genre\)"):
@@ -108,6 +120,11 @@ def test_labels_csv(tmp_path, store):
     csv.write_text("file\na.wav\n")
     with pytest.raises(ValueError, match="no label column"):
         read_labels_csv(csv, tracks)
+    # A file name two extracted tracks have is no warning: the row's track cannot be told.
+    twin = TrackInfo("e", "z/a.wav", "z/a.wav", None, None, None)
+    csv.write_text("file,genre\nd,rock\na.wav,pop\n")
+    with pytest.raises(ValueError, match=r"labels.csv, line 3: 'a.wav' names 2 tracks \(x/a.wav, z/a.wav\)"):
+        read_labels_csv(csv, [*tracks, twin])
 
 
 def test_folder_labels(store):

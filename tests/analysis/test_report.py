@@ -178,11 +178,20 @@ def test_nan_and_mixed_dimensions_in_the_store_are_refused(tmp_path):
         run_analysis(tmp_path / "s", "d")
 
 
-def test_labels_for_unknown_tracks_are_refused(tmp_path):
+def test_labels_of_recordings_not_extracted_are_left_out_with_a_note(tmp_path, caplog):
+    """Labels of a whole corpus, a few of its files extracted so far: the analysis runs on what is covered, and
+    the report says what was left out."""
     planted_store(tmp_path / "store")
     labels = tmp_path / "labels.csv"
-    labels.write_text("file,genre\ng0/t00.wav,a\nnot_there.wav,b\n")
-    with pytest.raises(ValueError, match=r"1 of 2 rows name no extracted track .*'not_there.wav' \(line 3\)"):
+    labels.write_text("file,genre\ng0/t00.wav,a\ng1/t08.wav,b\nnot_there.wav,b\n")
+    report = run_analysis(tmp_path / "store", "planted", labels_csv=labels, baseline=False)
+    note = (f"{labels}: 1 of 3 rows name recordings that are not extracted ('not_there.wav' (line 4)); the analysis "
+            "uses the labels of the 2 that are extracted")
+    assert report.notes[0] == note and check_written(report)["notes"][0] == note
+    assert report.labels.columns["genre"].n_labelled == 2 and report.n_tracks == 26
+    assert note in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    labels.write_text("file,genre\nnot_there.wav,b\n")
+    with pytest.raises(ValueError, match=r"none of its 1 rows names an extracted track .*'not_there.wav' \(line 2\)"):
         run_analysis(tmp_path / "store", "planted", labels_csv=labels, baseline=False)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mess_ai.analysis import search
-from mess_ai.analysis.search import cosine_neighbours, find_similar, mmr_select
+from mess_ai.analysis.loading import load_aggregated, read_tracks
+from mess_ai.analysis.search import cosine_neighbours, find_similar, mmr_select, open_index
 from mess_ai.errors import StoreError
 from tests.helpers.embeddings import layered, write_store
 
@@ -151,3 +152,25 @@ def test_without_faiss_the_exact_search_is_used(planted_store, monkeypatch):
     results = find_similar(store, "planted", "query", k=3, faiss_min_tracks=10)
     assert results[0]["track_id"].startswith("copy")
     assert not list((store / "planted" / "index").glob("*.faiss"))
+
+
+def test_a_vector_from_outside_goes_through_the_tracks_transform(planted_store):
+    """An outside vector (here a stored track's own, as a recording of it would give) is transformed as the
+    tracks were and finds that track first with similarity 1, in the numpy and the faiss index alike."""
+    store, _, _ = planted_store
+    dataset, tracks, _ = read_tracks(store, "planted")
+    raw, _ = load_aggregated(store, dataset, tracks, "mean")
+    row = [t.track_id for t in tracks].index("related3")
+    kinds = [open_index(store, dataset, tracks, "mean")]
+    if search._faiss() is not None:
+        open_index(store, dataset, tracks, "mean", faiss_min_tracks=10)  # built: in memory too
+        kinds.append(open_index(store, dataset, tracks, "mean", faiss_min_tracks=10))  # from the cache: faiss only
+        assert kinds[1].vectors is None and kinds[1].faiss_index is not None
+    for index in kinds:
+        q = index.query_vector(raw[row])
+        assert np.allclose(q, index.vector_rows([row])[0], atol=1e-6)
+        chosen, similarities = index.nearest(q, 3)
+        assert chosen[0] == row and similarities[0] == pytest.approx(1.0, abs=1e-5) and len(chosen) == 3
+        assert index.nearest(q, 3, exclude=row)[0].tolist() == chosen[1:].tolist() + [index.nearest(q, 4)[0][3]]
+    with pytest.raises(ValueError, match=r"the query vector has shape \[5\]; the index's tracks have \[32\]"):
+        kinds[0].query_vector(np.zeros(5))
