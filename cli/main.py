@@ -207,6 +207,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a dataset's embeddings as Parquet, by the library call the export flow makes (no flow run)."""
+    from mess_ai.export import EXPORT_LAYERS, export_parquet
+    from mess_ai.store.layers import parse_layer
+
+    summary = export_parquet(args.store, args.out, args.dataset, parse_layer(args.layer, EXPORT_LAYERS),
+                             args.manifest_url)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
+    return EXIT_OK
+
+
 def cmd_failures(args: argparse.Namespace) -> int:
     from mess_ai.store import FAILED
 
@@ -316,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("failures", help="list failed files with stage, reason and attempts")
     _add_store_args(p)
     p.set_defaults(func=cmd_failures)
+
+    p = sub.add_parser(
+        "export", help="write a dataset's embeddings as Parquet tables (per track, per window) for pandas, polars, "
+                       "DuckDB and Hugging Face datasets",
+        description="Write the embeddings of one dataset to OUT/<dataset>/: tracks/part-*.parquet (one row per track: "
+                    "ids, paths, sha256, duration, aggregated embeddings), windows/part-*.parquet (one row per window: "
+                    "track id, index, start and end seconds, segment embeddings) and export.json (which tracks each "
+                    "part holds). Run again, it rewrites only the parts whose tracks changed. The raw frame-level "
+                    "features (float16, --keep-raw) are not exported.")
+    _add_store_args(p)
+    p.add_argument("--format", choices=["parquet"], default="parquet", help="file format (parquet, the only one)")
+    p.add_argument("--out", required=True, type=Path, help="folder of exports: the tables go to OUT/<dataset>/")
+    p.add_argument("--layer", default="all",
+                   help="'all' (default): one column per hidden state, layer_0 ... layer_<n-1>; 'mean' or a "
+                        "hidden-state index: one column, embedding. Each a fixed-size list of float32")
+    p.set_defaults(func=cmd_export)
 
     analysis_cli.register(sub, analyze_runner=_analyze_via_flow)
     _register_deployment_commands(sub)

@@ -17,7 +17,7 @@ def test_prefect_yaml_has_the_deployments_and_no_local_paths():
     text = (REPO_ROOT / "prefect.yaml").read_text()
     assert "/home/" not in text and "/work/" not in text and "/Users/" not in text
     names = [d["name"] for d in yaml.safe_load(text)["deployments"]]
-    assert {"nightly", "manual", "on-new-audio", "retry-failed", "shard", "sharded", "analyze"} <= set(names)
+    assert {"nightly", "manual", "on-new-audio", "retry-failed", "shard", "sharded", "analyze", "export"} <= set(names)
 
 
 def test_templates_resolve_from_the_environment():
@@ -31,6 +31,7 @@ def test_templates_resolve_from_the_environment():
     assert specs["nightly"]["parameters"]["config"] == {"model": "m-a-p/MERT-v1-95M", "device": "auto"}
     assert specs["sharded"]["parameters"]["config"] == specs["nightly"]["parameters"]["config"]
     assert "schedules" not in specs["manual"]
+    assert specs["export"]["parameters"] == {"store": "/data/store", "out": "/data/store/exports"}
     with pytest.raises(KeyError, match="MESS_AI_STORE"):
         resolve_templates("{{ $MESS_AI_STORE }}", {})
 
@@ -42,6 +43,7 @@ def test_serve_builds_every_deployment():
     assert deployments["on-new-audio"].concurrency_limit == 1
     assert deployments["manual"].parameters["store"] == "/data/store"
     assert not deployments["manual"].schedules
+    assert deployments["export"].parameters["out"] == "/data/store/exports"
     # The UI's run form: the settings objects with each field's description.
     schema = deployments["manual"]._parameter_openapi_schema.model_dump()
     config = schema["definitions"]["ExtractConfig"]["properties"]

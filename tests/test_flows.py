@@ -296,3 +296,21 @@ def test_analysis_flow_publishes_metrics_and_plots(tmp_path, tiny_model):
     plots = latest_artifact(artifact_key("demo-analysis", "analysis-plots")).data
     assert plots.count("data:image/png;base64,") == len(report["files"]["plots"]) >= 4
     assert f"## Notes\n\n- {report['notes'][0]}\n" in plots
+
+
+def test_export_flow_writes_the_tables_and_publishes_what_it_wrote(tmp_path, tiny_model):
+    from flows.export import export_store
+    from tests.helpers.windowed import DURATIONS, extract, write_windowed_audio
+
+    write_windowed_audio(tmp_path / "audio")
+    extract(tmp_path / "audio", tmp_path / "store", tiny_model, "export-flow")
+    result = export_store(store=str(tmp_path / "store"), out=str(tmp_path / "out"), layer="1")
+    assert result["tracks"] == len(DURATIONS) and result["layer"] == 1 and result["written"]
+    folder = tmp_path / "out" / "export-flow"
+    assert result["folder"] == str(folder) and (folder / "export.json").exists()
+    report = latest_artifact(artifact_key("export-flow", "export")).data
+    assert f"| folder | `{folder}` |" in report and f"| tracks (rows of `tracks/`) | {len(DURATIONS)} |" in report
+    assert f"**Written** ({len(result['written'])}): `{result['written'][0]}`" in report
+    again = export_store(store=str(tmp_path / "store"), out=str(tmp_path / "out"), layer="1")
+    assert again["written"] == [] and sorted(again["kept"]) == sorted(result["written"])
+    assert "**Written** (0): none" in latest_artifact(artifact_key("export-flow", "export")).data

@@ -126,7 +126,7 @@ def test_another_config_is_refused_unless_reextract_and_a_mix_is_seen_until_done
     assert [p.reason for p in report.problems if p.reason.startswith("mixed configs")], report.problems
     mix = next(p.reason for p in report.problems if p.reason.startswith("mixed configs"))
     assert "2 tracks with" in mix and "1 tracks with" in mix and "window 4.0 s" in mix and "window 5.0 s" in mix
-    with pytest.raises(StoreError, match="cannot be analysed: mixed configs"):
+    with pytest.raises(StoreError, match="cannot be read as one collection: mixed configs"):
         read_tracks(store, "audio")
 
     # The file is back: the next run with the dataset's (new) config finishes the re-extraction.

@@ -30,7 +30,7 @@ from mess_ai.analysis.embedding_diversity import (
     representations,
 )
 from mess_ai.analysis.labels import Labels, folder_labels, read_labels_csv
-from mess_ai.analysis.loading import LAYER_ALL, DatasetFeatures, TrackInfo, load_dataset_features
+from mess_ai.analysis.loading import DatasetFeatures, TrackInfo, load_dataset_features
 from mess_ai.analysis.preprocessing import LAYER_MEAN, select_layer
 from mess_ai.analysis.results import (
     MAX_LISTED,
@@ -58,6 +58,7 @@ from mess_ai.analysis.results import (
     TrackResult,
     WardClustering,
 )
+from mess_ai.store.layers import LAYER_ALL
 
 # Per-layer metrics and the similarity histogram use a random sample of this many tracks in larger datasets.
 MAX_SAMPLE_TRACKS = 2000

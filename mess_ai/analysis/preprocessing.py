@@ -12,50 +12,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from mess_ai.store.atomic import atomic_save_npy, atomic_write_bytes, load_npy
-
-LAYER_MEAN = "mean"
-Layer = Union[int, str]
+# The layer choice lives with the store's reader; the analysis modules import it from here too.
+from mess_ai.store.layers import LAYER_MEAN, Layer, check_layer, parse_layer, select_layer  # noqa: F401
 
 # Principal components with less variance than this fraction of the largest are numerical noise.
 _RANK_TOLERANCE = 1e-10
-
-
-def parse_layer(text: str) -> Layer:
-    """``"mean"`` or an integer hidden-state index, from a command-line string."""
-    if text == LAYER_MEAN:
-        return LAYER_MEAN
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"layer must be an integer hidden-state index or 'mean'; got {text!r}") from None
-
-
-def check_layer(layer: Layer, n_states: int) -> Layer:
-    """The layer as a non-negative index (negative counts from the end) or ``"mean"``; ValueError when out of range."""
-    if layer == LAYER_MEAN:
-        return LAYER_MEAN
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise ValueError(f"layer must be an integer hidden-state index or 'mean'; got {layer!r}")
-    if not -n_states <= layer < n_states:
-        raise ValueError(f"layer {layer} is out of range: the features have {n_states} hidden states "
-                         f"(valid: 0 to {n_states - 1}, negative from the end, or 'mean')")
-    return int(layer) % n_states
-
-
-def select_layer(features: np.ndarray, layer: Layer) -> np.ndarray:
-    """features: [..., n_states, hidden] -> [..., hidden]: one hidden state, or the mean over all of them."""
-    features = np.asarray(features)
-    if features.ndim < 2:
-        raise ValueError(f"features must be [..., n_states, hidden]; got shape {list(features.shape)}")
-    layer = check_layer(layer, features.shape[-2])
-    if layer == LAYER_MEAN:
-        return features.mean(axis=-2, dtype=np.float64).astype(features.dtype, copy=False)
-    return features[..., layer, :]
 
 
 def check_matrix(X: Any, min_samples: int = 1, what: str = "X") -> np.ndarray:

@@ -5,7 +5,7 @@ from mess_ai.audio.discovery import AUDIO_EXTENSIONS, AudioSource, audio_source_
 from mess_ai.audio.loading import load_mono
 from mess_ai.audio.opening import OpenedAudio, identity, open_audio, sha256_fd
 from mess_ai.audio.validation import AudioInfo, AudioLimits, probe_audio
-from mess_ai.audio.windows import WindowSpec, frame_windows, window_bounds
+from mess_ai.audio.windows import WindowSpec, frame_windows, window_bounds, window_times
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -24,4 +24,5 @@ __all__ = [
     "probe_audio",
     "sha256_fd",
     "window_bounds",
+    "window_times",
 ]

@@ -56,6 +56,16 @@ def window_bounds(n_samples: int, sample_rate: int, spec: WindowSpec) -> list[tu
     return bounds
 
 
+def window_times(n_samples: int, sample_rate: int, spec: WindowSpec) -> np.ndarray:
+    """The (start, end) in seconds of every window ``window_bounds`` cuts: float64 [n_windows, 2].
+
+    The one rule for reporting where windows lie, as ``window_bounds`` is for cutting them: the last window is
+    aligned to the end of the signal, so its start is not ``i * hop_seconds``, and it ends at ``n_samples /
+    sample_rate``, the signal's duration."""
+    bounds = np.asarray(window_bounds(n_samples, sample_rate, spec), dtype=np.float64)
+    return np.column_stack([bounds[:, 0], bounds[:, 0] + bounds[:, 1]]) / sample_rate
+
+
 def frame_windows(signal: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
     """Copy the windows ``bounds`` of ``signal`` (float32 [n_samples]) into one [n_windows, length] array.
 

@@ -132,6 +132,7 @@ def track_job(track: TrackAttempt, signal: np.ndarray, sampling_rate: int, confi
     by a decoding process; ``InputError`` when it is shorter than the minimum."""
     from mess_ai.features.extractor import TrackJob
 
+    track.n_samples = len(signal)
     track.duration_seconds = len(signal) / sampling_rate
     bounds = signal_windows(track.source.path, signal, sampling_rate, config)
     return TrackJob(track.source.track_id, signal, bounds, context=track)

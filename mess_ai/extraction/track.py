@@ -60,6 +60,7 @@ class TrackAttempt:
         self.stat: Any = None  # the file's os.stat_result when it was hashed
         self.died_before = 0  # attempts on the same bytes a process died in (see ``begin``)
         self.duration_seconds = 0.0
+        self.n_samples = 0  # of the decoded signal at the model's rate
         self._files = contextlib.ExitStack()
         self._raw: np.memmap | None = None
         self._begun = self._settled = self._handed_over = self._released = False
@@ -139,7 +140,7 @@ class TrackAttempt:
             self._settled = True
             self.store.manifest.mark_done(self.store.dataset, self.source.track_id,
                                           duration_seconds=self.duration_seconds, n_windows=n_windows,
-                                          seconds_spent=seconds)
+                                          seconds_spent=seconds, n_samples=self.n_samples)
         finally:
             self.give_back()
         return FileOutcome(self.source.track_id, self.source.relative, "done", attempts=self.attempts,

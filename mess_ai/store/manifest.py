@@ -71,6 +71,9 @@ tracks = Table(
     Column("last_attempt_at", DateTime(timezone=True)),
     Column("duration_seconds", Float),
     Column("n_windows", Integer),
+    # Samples of the decoded signal at the model's rate: with the provenance's window rule, where each window lies
+    # (``window_times``). 64-bit: six hours at a model rate of 100 kHz overflow a 32-bit INTEGER.
+    Column("n_samples", BigInteger),
     Column("seconds_spent", Float),
     # The features on disk, whatever the row's status: their config key and window count. Kept when a later
     # attempt fails (good features are only ever replaced by new complete ones), so a failed or pending track can
@@ -90,7 +93,7 @@ tracks = Table(
 )
 
 # Columns added after the first release: added to an existing manifest when it is opened.
-_ADDED_COLUMNS = ("features_config_key", "features_n_windows", "unfinished", "file_identity")
+_ADDED_COLUMNS = ("features_config_key", "features_n_windows", "unfinished", "file_identity", "n_samples")
 
 # What each dataset is: the audio folder it holds recordings of, and the config its features are extracted with
 # (``configs``: JSON, every config key the dataset has had -> what it means, to describe a mix in words).
@@ -359,9 +362,11 @@ class Manifest:
         self._update(dataset, track_id, size=size, mtime_ns=mtime_ns, sha256=sha256, file_identity=file_identity)
 
     def mark_done(self, dataset: str, track_id: str, *, duration_seconds: float, n_windows: int,
-                  seconds_spent: float) -> None:
+                  seconds_spent: float, n_samples: int | None = None) -> None:
+        """``n_samples``: of the decoded signal the windows were cut from (None: not known, as in rows written
+        before mess-ai recorded it; readers then derive it from ``duration_seconds``)."""
         self._update(dataset, track_id, status=DONE, failure_stage=None, error_class=None, error_message=None,
-                     permanent=None, duration_seconds=duration_seconds, n_windows=n_windows,
+                     permanent=None, duration_seconds=duration_seconds, n_windows=n_windows, n_samples=n_samples,
                      seconds_spent=seconds_spent, features_config_key=tracks.c.config_key,
                      features_n_windows=n_windows, unfinished=0)
 
@@ -372,7 +377,7 @@ class Manifest:
         died was the attempt's decoding process (the next attempt adds to them); else 0."""
         self._update(dataset, track_id, status=FAILED, failure_stage=stage, error_class=error_class,
                      error_message=path_text(message), permanent=permanent, seconds_spent=seconds_spent,
-                     duration_seconds=duration_seconds, n_windows=None, unfinished=unfinished)
+                     duration_seconds=duration_seconds, n_windows=None, n_samples=None, unfinished=unfinished)
 
     @_database_errors("write")
     def claim(self, dataset: str, track_id: str, owner: str, ttl_seconds: float, same_host_prefix: str | None = None

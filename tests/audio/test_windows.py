@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mess_ai.audio import WindowSpec, frame_windows, window_bounds
+from mess_ai.audio import WindowSpec, frame_windows, window_bounds, window_times
 
 # 10 samples per second keeps the expected bounds readable: windows of 50 samples every 25.
 SR = 10
@@ -34,6 +34,17 @@ def test_windows_are_equal_length_and_cover_the_whole_signal(n_samples):
         covered[start:start + length] = True
     assert covered.all()
     assert bounds[-1][0] + bounds[-1][1] == n_samples
+
+
+def test_window_times_are_the_bounds_in_seconds_and_the_last_ends_at_the_duration():
+    # 110 samples: three windows on the hop, then one aligned to the end (start 6.0 s, not 7.5 s).
+    np.testing.assert_array_equal(window_times(110, SR, SPEC), [[0.0, 5.0], [2.5, 7.5], [5.0, 10.0], [6.0, 11.0]])
+    np.testing.assert_array_equal(window_times(30, SR, SPEC), [[0.0, 3.0]])  # shorter than a window: its own length
+    times = window_times(24000 * 12 + 7, 24000, WindowSpec())
+    assert times.dtype == np.float64 and times.shape == (4, 2)
+    assert times[-1, 0] == 168007 / 24000 and times[-1, 1] == (24000 * 12 + 7) / 24000
+    with pytest.raises(ValueError, match="9 samples at 10 Hz"):
+        window_times(9, SR, SPEC)
 
 
 def test_shorter_than_minimum_is_refused_with_the_numbers():

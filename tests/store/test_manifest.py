@@ -84,6 +84,23 @@ def test_status_listing_and_config_counts_use_their_indexes_also_on_a_manifest_c
     reopened.close()
 
 
+def test_done_rows_record_their_sample_count_and_an_earlier_manifest_gains_the_column(tmp_path):
+    path = tmp_path / "m.sqlite"
+    m = Manifest(sqlite_url(str(path)))
+    _attempt(m)
+    m.mark_done("ds", "t1", duration_seconds=3.0, n_windows=1, seconds_spent=0.5, n_samples=72000)
+    assert m.get("ds", "t1")["n_samples"] == 72000
+    m.close()
+    # A manifest of an earlier mess-ai: the table without the column; its rows read back with no sample count.
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("ALTER TABLE tracks DROP COLUMN n_samples")
+        conn.commit()
+    reopened = Manifest(sqlite_url(str(path)))
+    row = reopened.get("ds", "t1")
+    assert row["n_samples"] is None and row["duration_seconds"] == 3.0
+    reopened.close()
+
+
 def test_rows_of_reads_the_rows_asked_for_by_key_whatever_their_number(tmp_path):
     m = Manifest(sqlite_url(str(tmp_path / "m.sqlite")))
     _attempt(m)
