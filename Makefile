@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # A CPU build of torch is on this kind of machine's disk; on a GPU host set TORCH_SPEC=torch (or a CUDA wheel).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Extras installed with mess-ai (pyproject.toml). An extraction worker needs none of them: on such a host,
+# `make install EXTRAS=gpu` (add postgres for a shared manifest) leaves out the analysis stack and the test tools.
+EXTRAS ?= dev,analysis,export
 # make test runs the suite in 2 processes (pytest-xdist): much of it waits on servers, schedules and child
 # processes, so 2 halve its time on a 2-core machine. PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
@@ -39,7 +42,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 test: install
@@ -91,7 +94,7 @@ watch: install
 
 # Scale-out check (not in CI): PostgreSQL from Debian packages, two workers, one folder.
 e2e-scale: install
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,postgres]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS),postgres]'
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -m e2e_scale tests/test_scale_out.py $(PYTEST_ARGS)
 
 clean:

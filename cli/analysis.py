@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from cli.options import add_command, add_store_options
 from mess_ai.errors import MessError
 
 if TYPE_CHECKING:
@@ -141,11 +142,14 @@ def print_report(report: AnalysisReport) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from mess_ai.packages import check_analysis_packages
     from mess_ai.analysis.report import run_analysis
     from mess_ai.analysis.results import AnalysisReport
 
     runner = args.analyze_runner or run_analysis
     try:
+        # run_analysis checks too; checking here first starts no flow run that could only fail.
+        check_analysis_packages(baseline=not args.no_baseline)
         result = runner(args.store, args.dataset, labels_csv=args.labels, n_clusters=args.clusters,
                         baseline=not args.no_baseline, manifest_url=args.manifest_url)
     except _USAGE_ERRORS as exc:
@@ -159,40 +163,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, type=Path, help="feature store folder")
-    p.add_argument("--dataset", default=None, help="dataset inside the store (default: the store's only one)")
-    p.add_argument("--manifest-url", default=None,
-                   help="SQLAlchemy URL of the manifest (default: SQLite file manifest.sqlite in the store)")
-
-
 def register(subparsers: argparse._SubParsersAction,
              analyze_runner: Callable[..., AnalysisReport | dict] | None = None) -> None:
     """Add ``similar`` and ``analyze`` to the ``mess-ai`` subcommands. ``analyze_runner`` replaces
     ``run_analysis`` (same arguments), e.g. to run it as a Prefect flow; it may return the report's JSON."""
-    p = subparsers.add_parser("similar", help="tracks most similar to one track of the store, or to a recording")
+    p = add_command(subparsers, "similar", help="tracks most similar to one track of the store, or to a recording",
+                    description="the tracks most similar to one track of the store, or to a recording outside it "
+                                "(cosine of centred embeddings)",
+                    example="mess-ai similar --store ~/mess-store piano/arpeggio.ogg -k 5 --diverse\n"
+                            "  mess-ai similar --store ~/mess-store --audio ~/new/take3.wav -k 5")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("track", metavar="TRACK_ID", nargs="?",
                        help="track id, path relative to the audio folder, or a file name only one track has")
     query.add_argument("--audio", type=Path, metavar="FILE",
                        help="a recording (not added to the store), embedded as the dataset's own files were: "
-                            "with the model, windows and precision of its provenance.json")
-    _add_store_args(p)
-    p.add_argument("-k", type=int, default=10, help="number of tracks to list (default 10)")
+                            "with the model, windows and precision of its provenance.json (required unless TRACK_ID is given)")
+    add_store_options(p, dataset_default="the store's only one")
+    p.add_argument("-k", type=int, default=10, help="number of tracks to list (default: 10)")
     p.add_argument("--layer", type=_layer, default="mean",
-                   help="hidden state to compare (0 = CNN front end) or 'mean' over all (default)")
+                   help="hidden state to compare (0 = CNN front end) or 'mean' over all (default: mean)")
     p.add_argument("--diverse", action="store_true",
                    help="re-rank by maximal marginal relevance, so near-duplicates do not fill the list")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_similar)
 
-    p = subparsers.add_parser("analyze", help="quality, dimension per layer, clusters, diversity, label coverage, "
-                                              "method comparison: report + plots")
-    _add_store_args(p)
+    p = add_command(subparsers, "analyze", help="report + plots: clusters, quality, diversity, labels",
+                    description="quality, dimension per layer, clusters, diversity, label coverage and a "
+                                "comparison of methods: a report and plots in <store>/<dataset>/reports (needs the "
+                                "analysis extra: pip install 'mess-ai[analysis]')",
+                    example="mess-ai analyze --store ~/mess-store --labels labels.csv")
+    add_store_options(p, dataset_default="the store's only one",
+                      json_help="print the report as JSON instead of a summary")
     p.add_argument("--labels", type=Path, default=None,
-                   help="CSV with a 'file' column (file name, relative path or track id) and label columns")
+                   help="CSV with a 'file' column (file name, relative path or track id) and label columns "
+                        "(default: the tracks' top folders, when there are at least two)")
     p.add_argument("--clusters", type=int, default=None, help="number of clusters (default: best silhouette)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the MFCC + chroma baseline (it decodes every source file once, then is cached)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     p.set_defaults(func=cmd_analyze, analyze_runner=analyze_runner)

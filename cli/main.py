@@ -16,8 +16,22 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
+import mess_ai
 from cli import analysis as analysis_cli
-from cli.options import add_model_options, model_from_options
+from cli.options import (
+    INCOMING_ENV,
+    MANIFEST_URL_ENV,
+    MODEL_ENV,
+    STORE_ENV,
+    HelpFormatter,
+    Parser,
+    add_command,
+    add_global_flags,
+    add_model_options,
+    add_store_options,
+    env_value,
+    model_from_options,
+)
 from cli.report import prefect_ui_hint, print_summary
 from deployments.runtime import default_gpu_limit, prepare_prefect
 from mess_ai.errors import MessError
@@ -69,11 +83,10 @@ def _settings(args: argparse.Namespace):
 
 @contextlib.contextmanager
 def _manifest_url_for_flows(url: str | None) -> Iterator[None]:
-    """Hand ``--manifest-url`` to an in-process flow run through this process's MESS_AI_MANIFEST_URL, never as a
-    flow parameter: Prefect stores parameters (on the user's server too, with PREFECT_API_URL) and shows them in
-    its UI, password included. No URL: the SQLite file in the store, as for the commands that run no flow."""
-    from mess_ai.store.manifest import MANIFEST_URL_ENV
-
+    """Hand ``--manifest-url`` (given, or its default $MESS_AI_MANIFEST_URL) to an in-process flow run through this
+    process's MESS_AI_MANIFEST_URL, never as a flow parameter: Prefect stores parameters (on the user's server too,
+    with PREFECT_API_URL) and shows them in its UI, password included. No URL: the SQLite file in the store, as for
+    the commands that run no flow."""
     before = os.environ.get(MANIFEST_URL_ENV)
     os.environ[MANIFEST_URL_ENV] = url or ""
     try:
@@ -155,11 +168,19 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     if audio_dir is None:
         print("no failed files: nothing to retry")
         return EXIT_OK
-    if args.config_model is None and args.dataset:
-        provenance = Path(args.store) / args.dataset / "provenance.json"
-        if provenance.exists():
-            args.config_model = json.loads(provenance.read_text(encoding="utf-8")).get("model")
+    if args.config_model is None:
+        # The dataset's own model before $MESS_AI_MODEL: that is a default for new extractions, and a dataset of
+        # another model would refuse it.
+        args.config_model = _model_of_dataset(args.store, args.dataset) or env_value(MODEL_ENV)
     return _run_extract_flow(args, audio_dir, only_failed=True)
+
+
+def _model_of_dataset(store: Path, dataset: str | None) -> str | None:
+    """The model recorded in the dataset's provenance.json; None without a dataset or its provenance."""
+    if not dataset:
+        return None
+    provenance = Path(store) / dataset / "provenance.json"
+    return json.loads(provenance.read_text(encoding="utf-8")).get("model") if provenance.exists() else None
 
 
 def _audio_dir_of_failures(args: argparse.Namespace) -> Path | None:
@@ -257,24 +278,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_demo(Path(args.workdir))
 
 
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, type=Path, help="feature store folder")
-    p.add_argument("--dataset", default=None, help="dataset inside the store (default: all / the folder name)")
-    p.add_argument("--manifest-url", default=None,
-                   help="SQLAlchemy URL of the manifest (default: SQLite file manifest.sqlite in the store)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-
-def _add_extract_args(p: argparse.ArgumentParser) -> None:
+def _add_extract_args(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
+    """The settings of an extraction run. ``model_help`` None: ``--model`` defaults to $MESS_AI_MODEL, else the
+    config's default; else ``--model`` takes no default from the environment and its help says ``model_help``."""
     from mess_ai.config import ExtractConfig, RunOptions
 
     add_model_options(p.add_argument_group("extraction (what makes the numbers)"), ExtractConfig, "config_",
-                      help_overrides={"model": "Hub id or local directory (default: m-a-p/MERT-v1-95M; retry-failed: "
-                                               "the dataset's model)"})
+                      help_overrides={"model": model_help} if model_help else None,
+                      env=None if model_help else {"model": MODEL_ENV})
     add_model_options(p.add_argument_group("the run"), RunOptions, "run_",
-                      help_overrides={"gpu_limit": "Prefect global concurrency limit held during model work ('' "
-                                                   "for none; not given: 'gpu' with a Prefect server, none on "
-                                                   "the temporary API)"})
+                      help_overrides={"gpu_limit": "Prefect global concurrency limit held during model work, '' "
+                                                   "for none (default: 'gpu' with a Prefect server, none on the "
+                                                   "temporary API)"})
     p.add_argument("--reextract", action="store_true",
                    help="the dataset holds features of another config (model weights, window, hop, precision): "
                         "replace them (refused without this; to keep both, name another --dataset)")
@@ -285,8 +300,11 @@ def _register_deployment_commands(sub: argparse._SubParsersAction) -> None:
     from cli.watch import register as register_watch
 
     register_watch(sub)
-    p = sub.add_parser("serve", help="serve every deployment of prefect.yaml (schedules included) from this "
-                                     "process, against the server at PREFECT_API_URL")
+    p = add_command(sub, "serve", help="serve every deployment of prefect.yaml here",
+                    description="serve every deployment of prefect.yaml (schedules included) from this process, "
+                                "against the Prefect server at PREFECT_API_URL; its paths and settings come from "
+                                "the MESS_AI_* variables, as for `make deploy`",
+                    example="PREFECT_API_URL=http://127.0.0.1:4200/api mess-ai serve nightly on-new-audio")
     p.add_argument("names", nargs="*", help="only these deployments (default: all)")
     p.set_defaults(func=_cmd_serve)
 
@@ -299,46 +317,71 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mess-ai", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True)
+START_HERE = f"""\
+start here:
+  mess-ai demo                                  # offline: synthetic recordings + a random-weight model
+  mess-ai extract ~/music --store ~/mess-store  # features of the new and changed recordings
+  mess-ai analyze --store ~/mess-store          # report + plots; then `mess-ai similar TRACK --store ...`
 
-    p = sub.add_parser("extract", help="extract MERT features for new or changed audio files (a Prefect flow run)")
+Defaults from the environment, when set: {STORE_ENV} (--store), {MODEL_ENV} (--model), \
+{MANIFEST_URL_ENV} (--manifest-url), {INCOMING_ENV} (the folder of `watch`).
+`mess-ai COMMAND --help`: a command's options, their defaults and an example."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="mess-ai", description="Folders of music recordings to MERT-v1 embeddings in a feature "
+                                                "store, checked and analysed.", epilog=START_HERE,
+                    formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mess-ai {mess_ai.__version__}")
+    add_global_flags(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    p = add_command(sub, "extract", help="extract features of new or changed recordings",
+                    description="extract MERT features for the new or changed audio files of a folder (a Prefect "
+                                "flow run); unchanged files are skipped",
+                    example="mess-ai extract ~/music --store ~/mess-store")
     p.add_argument("audio_dir", type=Path, help="folder of recordings (searched recursively)")
-    _add_store_args(p)
+    add_store_options(p, dataset_default="the audio folder's name")
     _add_extract_args(p)
     p.add_argument("--only-failed", action="store_true", help="re-run only the files whose last attempt failed")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("retry-failed", help="re-run only the failed files of a dataset (a Prefect flow run)")
-    _add_store_args(p)
+    p = add_command(sub, "retry-failed", help="re-run only the failed files of a dataset",
+                    description="re-run only the failed files of a dataset (a Prefect flow run); the audio folder "
+                                "and the model are read back from the store",
+                    example="mess-ai retry-failed --store ~/mess-store")
+    add_store_options(p, dataset_default="the one with failed files")
     p.add_argument("--audio-dir", type=Path, default=None,
                    help="the audio folder (default: read back from the manifest)")
-    _add_extract_args(p)
+    _add_extract_args(p, model_help=f"Hub id or local directory (default: the dataset's model, else ${MODEL_ENV}, "
+                                    "else m-a-p/MERT-v1-95M)")
     p.set_defaults(func=cmd_retry_failed)
 
-    p = sub.add_parser("check", help="verify the store: files, shapes, finite values, no orphans")
-    _add_store_args(p)
+    p = add_command(sub, "check", help="verify the store: files, shapes, values, orphans",
+                    description="verify the store: every file present with its shape, finite values, no orphans "
+                                "or temporary files; exit 1 on any problem",
+                    example="mess-ai check --store ~/mess-store")
+    add_store_options(p, dataset_default="all")
     p.add_argument("--quick", action="store_true", help="shapes only, do not read every value")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("failures", help="list failed files with stage, reason and attempts")
-    _add_store_args(p)
+    p = add_command(sub, "failures", help="list failed files with stage, reason and attempts",
+                    example="mess-ai failures --store ~/mess-store")
+    add_store_options(p, dataset_default="all")
     p.set_defaults(func=cmd_failures)
 
-    p = sub.add_parser(
-        "export", help="write a dataset's embeddings as Parquet tables (per track, per window) for pandas, polars, "
-                       "DuckDB and Hugging Face datasets",
-        description="Write the embeddings of one dataset to OUT/<dataset>/: tracks/part-*.parquet (one row per track: "
-                    "ids, paths, sha256, duration, aggregated embeddings), windows/part-*.parquet (one row per window: "
-                    "track id, index, start and end seconds, segment embeddings) and export.json (which tracks each "
-                    "part holds). Run again, it rewrites only the parts whose tracks changed. The raw frame-level "
-                    "features (float16, --keep-raw) are not exported.")
-    _add_store_args(p)
-    p.add_argument("--format", choices=["parquet"], default="parquet", help="file format (parquet, the only one)")
-    p.add_argument("--out", required=True, type=Path, help="folder of exports: the tables go to OUT/<dataset>/")
+    p = add_command(sub, "export", help="write a dataset's embeddings as Parquet tables (per track, per window)",
+                    description="Write the embeddings of one dataset to OUT/<dataset>/ for pandas, polars, DuckDB "
+                                "and Hugging Face datasets: tracks/part-*.parquet (one row per track: ids, paths, "
+                                "sha256, duration, aggregated embeddings), windows/part-*.parquet (one row per "
+                                "window: track id, index, start and end seconds, segment embeddings) and "
+                                "export.json (which tracks each part holds). Run again, it rewrites only the parts "
+                                "whose tracks changed. The raw frame-level features (float16, --keep-raw) are not "
+                                "exported.",
+                    example="mess-ai export --store ~/mess-store --out ~/mess-export --layer mean")
+    add_store_options(p, dataset_default="the store's only one")
+    p.add_argument("--format", choices=["parquet"], default="parquet", help="file format (default: parquet, the only one)")
+    p.add_argument("--out", required=True, type=Path, help="folder of exports: the tables go to OUT/<dataset>/ (required)")
     p.add_argument("--layer", default="all",
                    help="'all' (default): one column per hidden state, layer_0 ... layer_<n-1>; 'mean' or a "
                         "hidden-state index: one column, embedding. Each a fixed-size list of float32")
@@ -347,17 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_cli.register(sub, analyze_runner=_analyze_via_flow)
     _register_deployment_commands(sub)
 
-    p = sub.add_parser("make-test-model",
-                       help="write a MERT-v1-format checkpoint with RANDOM weights (tests, demo, benchmarks)")
-    p.add_argument("directory", type=Path)
+    p = add_command(sub, "make-test-model", help="write a MERT-format checkpoint with RANDOM weights",
+                    description="write a MERT-v1-format checkpoint with RANDOM weights (for tests, the demo and "
+                                "benchmarks: its embeddings mean nothing)",
+                    example="mess-ai make-test-model /tmp/mert-tiny")
+    p.add_argument("directory", type=Path, help="folder to write it to")
     p.add_argument("--size", choices=["tiny", "base"], default="tiny",
-                   help="tiny: well under 1 MB; base: the real MERT-v1-95M shape (about 380 MB)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+                   help="tiny: well under 1 MB; base: the real MERT-v1-95M shape, about 380 MB (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
+                   help="weights file format (default: safetensors)")
     p.set_defaults(func=cmd_make_test_model)
 
-    p = sub.add_parser("demo", help="offline demo: synthetic audio + a random-weight test model -> features")
-    p.add_argument("--workdir", default=".demo", help="where the demo writes everything (default .demo)")
+    p = add_command(sub, "demo", help="offline demo: synthetic audio -> features",
+                    description="offline demo: synthetic recordings and a random-weight test model through the "
+                                "real pipeline (a Prefect flow run)",
+                    example="mess-ai demo --workdir /tmp/mess-demo")
+    p.add_argument("--workdir", default=".demo", help="where the demo writes everything (default: .demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 

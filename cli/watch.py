@@ -9,6 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from cli.options import INCOMING_ENV, MODEL_ENV, STORE_ENV, EnvDefault, add_command, add_env_option
 from deployments.runtime import DEFAULT_WATCH_DEPLOYMENT as DEFAULT_DEPLOYMENT
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``watch`` to the ``mess-ai`` subcommands."""
-    p = subparsers.add_parser("watch", help="watch a folder and extract each burst of new recordings once complete")
-    p.add_argument("audio_dir", type=Path, help="folder people drop recordings into (watched recursively)")
-    p.add_argument("--store", type=Path, default=None,
-                   help="feature store folder (default: the deployment's; required with --local)")
+    p = add_command(subparsers, "watch", help="extract new recordings of a folder once complete",
+                    description="watch a folder and extract each burst of new recordings once complete: as runs "
+                                "of a deployment on the Prefect server at PREFECT_API_URL, or in this process "
+                                "with --local",
+                    example="mess-ai watch ~/incoming --store ~/mess-store --local\n"
+                            "PREFECT_API_URL=http://127.0.0.1:4200/api mess-ai watch ~/incoming")
+    add_env_option(p, "audio_dir", nargs="?", type=Path, metavar="AUDIO_DIR", env=EnvDefault(INCOMING_ENV, None),
+                   help="folder people drop recordings into (watched recursively)")
+    add_env_option(p, "--store", type=Path, help="feature store folder",
+                   env=EnvDefault(STORE_ENV, otherwise="the deployment's; required with --local"))
     p.add_argument("--dataset", default=None, help="dataset inside the store (default: the folder name)")
-    p.add_argument("--model", default=None, help="hub id or local directory (default: the deployment's)")
+    add_env_option(p, "--model", help="hub id or local directory",
+                   env=EnvDefault(MODEL_ENV, otherwise="the deployment's"))
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the deployment's)")
     p.add_argument("--deployment", default=DEFAULT_DEPLOYMENT,
-                   help=f"deployment whose runs do the work (default {DEFAULT_DEPLOYMENT})")
+                   help=f"deployment whose runs do the work (default: {DEFAULT_DEPLOYMENT})")
     p.add_argument("--local", action="store_true",
                    help="extract in this process instead of starting deployment runs (no server or worker needed)")
     p.add_argument("--stable-seconds", type=float, default=5.0,
-                   help="a file is complete once its size and mtime have not changed this long (default 5)")
+                   help="a file is complete once its size and mtime have not changed this long (default: 5)")
     p.add_argument("--rescan-seconds", type=float, default=None,
-                   help="also rescan the whole folder this often (for network shares without change events)")
+                   help="also rescan the whole folder this often, for network shares without change events "
+                        "(default: never)")
     p.add_argument("--debounce-seconds", type=float, default=2.0,
-                   help="wait this long after the last new file before starting a run (default 2)")
+                   help="wait this long after the last new file before starting a run (default: 2)")
     p.set_defaults(func=cmd_watch)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from mess_ai.errors import StoreError, TrackBusyError
+from mess_ai.packages import check_export_packages
 from mess_ai.store.atomic import TEMP_MARKER, atomic_target, atomic_write_json
 from mess_ai.store.layers import LAYER_ALL, LAYER_MEAN, Layer, check_layer
 from mess_ai.store.lock import TrackLock
@@ -132,7 +133,9 @@ def export_parquet(store: str | Path, out: str | Path, dataset: str | None = Non
     ``layer``: ``"all"`` gives one column per hidden state, ``layer_0`` ... ``layer_<n-1>``, each a
     ``fixed_size_list<float32>[hidden]``; a hidden-state index or ``"mean"`` gives one such column, ``embedding``.
     FileNotFoundError for a store or dataset that does not exist, ValueError for a bad layer, StoreError for a
-    store that cannot be read or an export folder another export is writing."""
+    store that cannot be read or an export folder another export is writing; ``MissingPackagesError`` without
+    pyarrow (the ``export`` extra)."""
+    check_export_packages()
     started = time.perf_counter()
     reader = open_store(store, dataset, manifest_url)
     # A dataset without done tracks may have no provenance yet: its (empty) export needs no hidden-state count.

@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's options default to these (`make test` exports the Makefile's values, data/store among them): a test
+# names its store and model, or sets the variable itself.
+for _variable in ("MESS_AI_STORE", "MESS_AI_INCOMING", "MESS_AI_MODEL", "MESS_AI_MANIFEST_URL"):
+    os.environ.pop(_variable, None)
 # The weights' digest cache of the tests' own checkpoints stays out of the user's ~/.cache.
 if "MESS_AI_CACHE_DIR" not in os.environ:
     import tempfile

@@ -17,6 +17,7 @@ from mess_ai.extraction.stats import RunSummary, process_started_at
 from mess_ai.store import FeatureStore
 from mess_ai.store.atomic import atomic_save_npy
 from tests.helpers.audio import write_audio, write_not_audio
+from tests.helpers.flows import count_flow_runs
 
 
 # `extract`, `retry-failed` and `demo` run the Prefect flow: one temporary Prefect API serves the module.
@@ -47,20 +48,13 @@ def test_extract_exit_codes_and_summary(tmp_path, tiny_model, capsys):
     assert data["previously_failed"] == 1 and data["exit_code"] == 1 and data["model_loaded"] is False
 
 
-def _flow_runs() -> int:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.count_flow_runs()
-
-
 def test_work_goes_through_a_flow_run_and_nothing_new_starts_nothing(tmp_path, tiny_model, capsys, prefect_api):
     audio, store = tmp_path / "audio", tmp_path / "store"
     write_audio(audio / "good.wav", seconds=6.0)
     write_not_audio(audio / "bad.wav")
-    runs = _flow_runs()
+    runs = count_flow_runs()
     assert extract(audio, store, tiny_model, "--json") == 1
-    assert _flow_runs() == runs + 1
+    assert count_flow_runs() == runs + 1
     data = json.loads(capsys.readouterr().out)
     assert data["model_loaded"] and data["model_load_seconds"] > 0
     # Seconds since this (test) process started: after the model load, and not later than now.
@@ -76,7 +70,7 @@ def test_work_goes_through_a_flow_run_and_nothing_new_starts_nothing(tmp_path, t
     assert proc.returncode == 1  # bad.wav failed for good: the exit code says so, as a flow run's would
     assert re.search(r"unchanged \(skipped\): +1\n", proc.stdout) and "bad.wav" in proc.stdout
     assert "the model was not loaded" in proc.stdout and proc.stdout.endswith("no flow run was started\n")
-    assert _flow_runs() == runs + 1
+    assert count_flow_runs() == runs + 1
 
 
 def test_usage_and_configuration_errors_exit_2(tmp_path, tiny_model, capsys, prefect_api):

@@ -1,4 +1,5 @@
-"""The manifest's password stays out of Prefect: never a flow parameter, log line, artifact, event or store file.
+"""The manifest's password stays out of Prefect: never a flow parameter, log line, artifact, event or store file;
+and out of the CLI's --help when the URL comes from the environment.
 
 The end-to-end tests need a manifest whose URL carries a password that the database really checks. PostgreSQL is
 not available here, and SQLite refuses URLs with a user or password, so the manifest is a SQLite file behind a
@@ -7,6 +8,7 @@ dialect that asks for the password first (``PasswordCheckingSQLite``, registered
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -26,6 +28,8 @@ from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from cli.main import main
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
 from mess_ai.store.manifest import MANIFEST_URL_ENV, resolve_manifest_url
 from tests.helpers.audio import write_audio
 from tests.helpers.flows import extract_flow
@@ -198,3 +202,27 @@ def test_cli_passes_its_manifest_url_through_the_environment(tmp_path, tiny_mode
     (run,) = [r for r in recent if r.parameters.get("dataset") == "from-cli"]
     assert run.parameters.get("manifest_url") is None
     assert PASSWORD not in run.model_dump_json()
+
+
+def test_cli_takes_the_manifest_url_from_the_environment_and_never_shows_its_password(tmp_path, tiny_model,
+                                                                                      monkeypatch, capsys):
+    audio, store, database = tmp_path / "audio", tmp_path / "store", tmp_path / "db" / "manifest.sqlite"
+    database.parent.mkdir()
+    write_audio(audio / "ok.wav", seconds=2.0)
+    write_audio(audio / "short.wav", seconds=0.5)
+    run_extraction(audio, store, config=ExtractConfig(model=tiny_model, device="cpu"),
+                   manifest_url=manifest_url(database))
+    monkeypatch.setenv(MANIFEST_URL_ENV, manifest_url(database))
+    assert main(["failures", "--store", str(store), "--json"]) == 0
+    assert [row["relative_path"] for row in json.loads(capsys.readouterr().out)] == ["short.wav"]
+    assert not (store / "manifest.sqlite").exists()  # the URL from the environment was used
+
+    monkeypatch.setenv("COLUMNS", "400")  # each option's help on one line
+    for url, password in ((manifest_url(database), PASSWORD), ("postgresql+psycopg://u:p%40ss%25@db/x", "p%40ss")):
+        monkeypatch.setenv(MANIFEST_URL_ENV, url)
+        for command in ("extract", "failures", "similar"):
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            shown = capsys.readouterr().out
+            assert "$MESS_AI_MANIFEST_URL = " in shown and ":***@" in shown
+            assert password not in shown and password.replace("%40", "@") not in shown

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mess_ai.analysis.dataset_analysis import analyze_dataset, load_inputs
+from mess_ai.packages import check_analysis_packages
 from mess_ai.analysis.plots import plot_report
 from mess_ai.analysis.results import AnalysisReport, ReportFiles
 from mess_ai.store.atomic import atomic_write_bytes
@@ -40,8 +41,10 @@ def run_analysis(store_root: str | Path, dataset: str | None = None, labels_csv:
     labels when there are at least two). ``n_clusters``: fixed k, else chosen by silhouette. ``baseline``: also
     compute MFCC + chroma statistics from the source audio (cached) and report how they compare.
     ``manifest_url``: the store's manifest when it is not the default SQLite file.
-    ValueError for fewer than 3 tracks, a bad ``n_clusters``, bad labels or non-finite / mixed-size features.
+    ValueError for fewer than 3 tracks, a bad ``n_clusters``, bad labels or non-finite / mixed-size features;
+    ``MissingPackagesError`` without the analysis extra.
     """
+    check_analysis_packages(baseline)
     inputs = load_inputs(store_root, dataset, labels_csv, n_clusters, baseline=baseline, manifest_url=manifest_url)
     report = analyze_dataset(inputs, n_clusters, random_state)
     # Serialised once before anything is drawn, so a non-finite number never leaves plots without a report.

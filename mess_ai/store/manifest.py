@@ -216,7 +216,7 @@ def path_text(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """The URL as logs may show it: without a password (nor a ``password=`` in its query string)."""
     try:
         return make_url(url).difference_update_query(["password"]).render_as_string(hide_password=True)
@@ -241,7 +241,7 @@ def resolve_manifest_url(parameter: str | None, secret: str | None = None,
         url = make_url(parameter)
         if url.password or "password" in url.query:
             raise ValueError(
-                f"manifest_url {_shown(parameter)} carries a password, and flow parameters are stored by Prefect "
+                f"manifest_url {shown_url(parameter)} carries a password, and flow parameters are stored by Prefect "
                 f"and shown in its UI: put the URL in the worker's environment as {MANIFEST_URL_ENV} or in a "
                 "Prefect Secret block named by manifest_secret, and leave manifest_url empty")
         return parameter
@@ -260,7 +260,7 @@ def _database_errors(action: str) -> Callable[[F], F]:
                 return method(self, *args, **kwargs)
             except DBAPIError as exc:
                 reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
-                raise StoreError(f"cannot {action} the manifest at {_shown(self.url)}: {reason}") from exc
+                raise StoreError(f"cannot {action} the manifest at {shown_url(self.url)}: {reason}") from exc
         return wrapper  # type: ignore[return-value]
     return decorate
 
@@ -274,7 +274,7 @@ class Manifest:
             self.engine = _make_engine(url)
             _create_tables(self.engine)
         except Exception as exc:  # noqa: BLE001 - any driver error means the same thing to the user
-            raise StoreError(f"cannot open the manifest at {_shown(url)}: {exc}") from exc
+            raise StoreError(f"cannot open the manifest at {shown_url(url)}: {exc}") from exc
 
     def close(self) -> None:
         self.engine.dispose()

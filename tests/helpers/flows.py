@@ -1,5 +1,5 @@
 """The extract-features flow called with flat settings, as tests name them: sorted into its ``config`` and ``run``
-by the fields' names (``mess_ai.config.split_settings``)."""
+by the fields' names (``mess_ai.config.split_settings``); and how many flow runs the Prefect API holds."""
 
 from __future__ import annotations
 
@@ -14,3 +14,11 @@ def extract_flow(**values: Any) -> Any:
 
     config, run, rest = split_settings(**values)
     return extract_features(config=config, run=run, **rest)
+
+
+def count_flow_runs() -> int:
+    """The flow runs on the Prefect API of this process (``PREFECT_API_URL``)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs()
