@@ -200,8 +200,10 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
         "without it shows what taking it costs against this API.",
         "A whole flow call ends by waiting for Prefect's heartbeat thread, which sleeps in 1 s steps, so its wall "
         "time comes in steps of about a second: compare the flow bodies for what the GPU limit costs. Taking the "
-        "slot waits on the API's write of it, which takes up to 2 s while the API records the run's task runs "
-        "(SQLite here).",
+        "slot is one request, answered in milliseconds when the API is idle; while the API records the run's "
+        "task runs (SQLite here), its write of the slot often fails as busy (SQLITE_BUSY, answered 503) and "
+        "Prefect's client asks again 2 s later: that retry is most of what the limit costs per run here. A server "
+        "on PostgreSQL has no such busy answer.",
         "Not timed: Prefect's API start and one warm-up flow run.",
     ]
     result["details"] = {"audio_hours": hours, "decode_steps": steps, "flow_walls": flow_walls,

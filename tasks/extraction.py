@@ -194,8 +194,9 @@ class GpuSlot:
 
     With a limit ``name``, the run takes its slots of that limit, which other processes and machines share, each on
     a thread of its own, and holds them across its chunks until ``release``: the API grants a slot in milliseconds
-    when idle, but takes up to 2 s while it records the run's task runs, which taken per chunk was a third of the
-    flow's own cost per audio hour (docs/benchmarks.md, overhead). ``take`` starts taking them in the background,
+    when idle, but while it records the run's task runs on SQLite its write of the slot often fails as busy (503),
+    and Prefect's client asks again 2 s later: taken per chunk, that was a third of the flow's own cost per audio
+    hour (docs/benchmarks.md, overhead). ``take`` starts taking them in the background,
     so the wait overlaps the first chunks' decoding; a chunk starts its model work on the first slot held and free.
     The slots are taken one after another, each once the one before is held: a run waiting for a busy limit keeps
     one request in the API's queue, not one per device (each waiting request lengthens the API's retry interval for
