@@ -13,7 +13,7 @@ from prefect.utilities.annotations import quote
 
 from mess_ai.config import ExtractConfig, RunOptions
 from mess_ai.deadline import Deadline, StageTimeout, TimeLimits
-from mess_ai.features.device import resolve_device
+from mess_ai.features.device import run_devices
 from mess_ai.monitoring import ResourceMonitor
 from mess_ai.pipeline import ExtractionSession, chunk_sources
 from tasks.extraction import (
@@ -70,7 +70,7 @@ def extract_features(
     started = time.perf_counter()
     gpu_limit = run.gpu_limit.replace("{host}", socket.gethostname()) if run.gpu_limit else run.gpu_limit
     url = manifest_url_of_run(manifest_url, manifest_secret)
-    monitor = ResourceMonitor(resolve_device(config.device))
+    monitor = ResourceMonitor(run_devices(config.device))
     session = ExtractionSession(store, dataset or Path(audio_dir).absolute().name, config,
                                 manifest_url=url, monitor=monitor, reextract=reextract,
                                 decode_workers=run.decode_workers)

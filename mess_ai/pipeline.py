@@ -53,7 +53,7 @@ from mess_ai.extraction.track import (
     TrackAttempt,
     fail_stuck,
 )
-from mess_ai.features.device import resolve_device
+from mess_ai.features.device import resolve_device, run_devices
 from mess_ai.features.extractor import TrackJob, resolve_precision
 from mess_ai.features.identity import model_identity
 from mess_ai.features.loaded import LoadedModel
@@ -439,7 +439,7 @@ def run_extraction(
     wall_started = time.perf_counter()
     config = config or ExtractConfig()
     audio_dir = Path(audio_dir)
-    monitor = ResourceMonitor(resolve_device(config.device))
+    monitor = ResourceMonitor(run_devices(config.device))
     session = ExtractionSession(store_root, dataset or audio_dir.absolute().name, config,
                                 manifest_url=manifest_url, progress=progress, model_loader=model_loader,
                                 monitor=monitor, reextract=reextract, decode_workers=decode_workers)

@@ -70,9 +70,15 @@ def memory_table(summary: RunSummary) -> list[dict[str, Any]]:
 
 
 def gpu_markdown(summary: RunSummary) -> str:
-    gpu = (summary.resources or {}).get("gpu") or {}
+    """The run's GPU use: one table for one GPU; for several, a row per GPU (each model worker's own) and the
+    whole run's."""
+    resources = summary.resources or {}
+    gpu = resources.get("gpu") or {}
     if not gpu.get("available"):
         return f"## GPU\n\n{gpu.get('note') or 'CPU-only run: no GPU was used'}.\n"
+    gpus = resources.get("gpus") or []
+    if len(gpus) > 1:
+        return _gpus_markdown(gpu, gpus)
     lines = ["## GPU", "", "| measure | value |", "|---|---|", f"| device | {gpu.get('device_name')} |",
              f"| peak allocated (MB) | {gpu.get('peak_allocated_mb', 0):.0f} |",
              f"| peak reserved (MB) | {gpu.get('peak_reserved_mb', 0):.0f} |"]
@@ -82,6 +88,24 @@ def gpu_markdown(summary: RunSummary) -> str:
                   f"| peak memory used, NVML (MB) | {gpu['peak_nvml_memory_used_mb']:.0f} |"]
     if gpu.get("note"):
         lines += ["", gpu["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _gpus_markdown(whole: dict[str, Any], gpus: list[dict[str, Any]]) -> str:
+    lines = ["## GPUs", "", f"{len(gpus)} GPUs ({whole.get('device_name')}), one model worker each.", "",
+             "| device | name | peak allocated (MB) | peak reserved (MB) | mean utilisation (%) | peak utilisation (%) "
+             "| peak memory used, NVML (MB) |", "|---|---|---|---|---|---|---|"]
+    for row in [*gpus, {**whole, "device": "**all**", "device_name": ""}]:
+        lines.append(f"| {row.get('device')} | {row.get('device_name')} | {row.get('peak_allocated_mb') or 0:.0f} | "
+                     f"{row.get('peak_reserved_mb') or 0:.0f} | {_percent(row.get('mean_utilization_percent'))} | "
+                     f"{_percent(row.get('peak_utilization_percent'))} | "
+                     f"{_percent(row.get('peak_nvml_memory_used_mb'))} |")
+    if whole.get("note"):
+        lines += ["", whole["note"]]
     return "\n".join(lines) + "\n"
 
 

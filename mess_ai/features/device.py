@@ -88,6 +88,12 @@ def host_model_devices(device: str) -> list[str]:
     return model_devices(device, visible_gpus(), stand_in=bool(stand_in_gpus()))
 
 
+def run_devices(device: str = "auto") -> list[torch.device]:
+    """The torch devices a run on this host computes on: every GPU its model workers use
+    (``host_model_devices``), or its one device; stand-in GPUs are the CPU, listed once."""
+    return list(dict.fromkeys(torch.device(torch_device(name)) for name in host_model_devices(device)))
+
+
 def torch_device(name: str) -> str:
     """The torch device a model worker named ``name`` loads its model on (a stand-in GPU's is the CPU)."""
     return "cpu" if name.startswith(f"{STAND_IN}:") else name
