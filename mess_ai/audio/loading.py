@@ -18,6 +18,12 @@ _LENGTH_MARGIN = 64
 # The most one multichannel block may take as float32, whatever the channel count: 30 s of 64 channels at 192 kHz
 # would otherwise be 1.5 GB.
 _MAX_BLOCK_BYTES = 64 << 20
+# libsndfile (1.2.2 here) decodes an MP3 read in several calls wrongly for a few thousand samples after the start of
+# each call when the encoder leaned on its bit reservoir (tonal music: errors of 0.4 in [-1, 1] every 30 s), while
+# a read that starts from a seek is right past its first 2,048 samples. Each block of an MP3 after the first is
+# therefore read from this many frames earlier, and those frames are dropped: the samples are then those of the file
+# read in one call (bit for bit at 44.1 and 48 kHz, within 1e-7 for MPEG-2 rates; tests/audio/test_loading.py).
+_MPEG_REREAD_FRAMES = 8192
 
 
 def load_mono(source: str | Path | OpenedAudio, target_sample_rate: int, *, block_seconds: float = 30.0,
@@ -71,6 +77,7 @@ def _decode(path: Path, audio: sf.SoundFile, target_sample_rate: int, block_seco
     # Downmix as a matrix-vector product: numpy's mean over the short channel axis is a strided reduction,
     # about 18x slower, and was the costliest step of decoding (see docs/benchmarks.md, overhead).
     weights = np.full(audio.channels, 1.0 / audio.channels, dtype=np.float32)
+    reread = _MPEG_REREAD_FRAMES if audio.format == "MP3" else 0
     max_frames = int(limits.max_duration_seconds * in_rate)
     # Integer ceiling of frames * out / in, exact however long the file.
     expected = -(-min(max(audio.frames, 0), max_frames) * target_sample_rate // in_rate) + _LENGTH_MARGIN
@@ -79,7 +86,10 @@ def _decode(path: Path, audio: sf.SoundFile, target_sample_rate: int, block_seco
     frames_read = 0
     while True:
         try:
-            block = audio.read(block_frames, dtype="int16" if pcm16 else "float32", always_2d=True)
+            back = min(reread, frames_read)
+            if back:
+                audio.seek(frames_read - back)
+            block = audio.read(block_frames + back, dtype="int16" if pcm16 else "float32", always_2d=True)[back:]
         except sf.SoundFileError as err:
             raise _libsndfile_failure(path, err, f"cannot decode the audio near {frames_read / in_rate:.1f} s",
                                       _STAGE) from err
