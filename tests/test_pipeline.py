@@ -175,6 +175,25 @@ def test_changed_bytes_reextract_only_that_file(tmp_path, tiny_model):
     assert changed == {f"{done[0].track_id}.npy"}
 
 
+def test_long_mp3s_decoded_before_the_block_fix_are_extracted_again_once(tmp_path, tiny_model):
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    write_audio(audio / "long.mp3", seconds=35.0, sample_rate=44100, seed=1)
+    write_audio(audio / "short.mp3", seconds=5.0, sample_rate=44100, seed=2)
+    write_audio(audio / "long.wav", seconds=35.0, seed=3)
+    assert run_extraction(audio, store, config=config(tiny_model)).done == 3
+    feature_store = FeatureStore(store, "audio")
+    try:
+        assert {r["decoder_revision"] for r in feature_store.manifest.rows("audio")} == {2}
+        with feature_store.manifest.engine.begin() as conn:  # as a store extracted before the fix has them
+            conn.exec_driver_sql("UPDATE tracks SET decoder_revision = NULL")
+    finally:
+        feature_store.close()
+    again = run_extraction(audio, store, config=config(tiny_model))
+    assert (again.done, again.unchanged) == (1, 2)
+    assert [o.relative_path for o in again.outcomes if o.status == "done"] == ["long.mp3"]
+    assert run_extraction(audio, store, config=config(tiny_model)).unchanged == 3
+
+
 def test_new_config_reextracts(tmp_path, tiny_model):
     audio = tmp_path / "audio"
     write_audio(audio / "t.wav", seconds=8.0)

@@ -24,9 +24,20 @@ _MAX_BLOCK_BYTES = 64 << 20
 # therefore read from this many frames earlier, and those frames are dropped: the samples are then those of the file
 # read in one call (bit for bit at 44.1 and 48 kHz, within 1e-7 for MPEG-2 rates; tests/audio/test_loading.py).
 _MPEG_REREAD_FRAMES = 8192
+# What ``load_mono``'s samples are, beyond the file and the target rate, recorded with each track's features:
+# 2 (2026-12-01): MP3 blocks read from a seek, as above. A track done without it was decoded before.
+DECODER_REVISION = 2
+BLOCK_SECONDS = 30.0
 
 
-def load_mono(source: str | Path | OpenedAudio, target_sample_rate: int, *, block_seconds: float = 30.0,
+def decoded_with_mp3_glitches(relative_path: str, duration_seconds: float | None, revision: int | None) -> bool:
+    """Whether a track's stored features come from an MP3 decoded before ``DECODER_REVISION`` 2 that was longer than
+    one block, so that its samples around each block boundary were wrong (the plan extracts it again)."""
+    return (relative_path.lower().endswith(".mp3") and (revision or 0) < 2
+            and (duration_seconds or 0.0) > BLOCK_SECONDS)
+
+
+def load_mono(source: str | Path | OpenedAudio, target_sample_rate: int, *, block_seconds: float = BLOCK_SECONDS,
               limits: AudioLimits = AudioLimits()) -> np.ndarray:
     """Decode ``source``, average its channels and resample to ``target_sample_rate``: float32 [n_samples].
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from mess_ai.audio.loading import decoded_with_mp3_glitches
 from mess_ai.extraction.stats import FileOutcome
 from mess_ai.store import DONE, FAILED, PENDING, ExpectedShapes
 
@@ -21,13 +22,14 @@ Row = Mapping[str, Any]
 # before): a run reads no more of each file's row.
 PLAN_COLUMNS = ("track_id", "status", "sha256", "size", "mtime_ns", "file_identity", "config_key", "permanent",
                 "unfinished", "n_windows", "failure_stage", "error_class", "error_message", "attempts",
-                "duration_seconds")
+                "duration_seconds", "decoder_revision")
 
 
 class Decision(str, enum.Enum):
     """What a run does with one file."""
 
     UNCHANGED = "unchanged"  # done with these bytes and this config, its features in place: skipped
+    # (unless they were decoded with a bug fixed since: see ``decoded_with_mp3_glitches``)
     PREVIOUSLY_FAILED = "previously_failed"  # failed for good on these bytes: not retried until they change
     TO_DO = "to_do"  # new, changed, failed in a way worth another try, or given back by a stopped run
     SUSPECT = "suspect"  # to do, and a process died during its last attempt: extracted alone, first
@@ -106,7 +108,8 @@ def decide(file: FileState, key: str, selection: Selection = Selection()) -> Dec
         return Decision.TO_DO
     same_bytes = row is not None and row["config_key"] == key and file.sha256 is not None \
         and file.sha256 == row["sha256"]
-    if same_bytes and row["status"] == DONE and file.outputs_valid:
+    if same_bytes and row["status"] == DONE and file.outputs_valid and not decoded_with_mp3_glitches(
+            file.relative, row.get("duration_seconds"), row.get("decoder_revision")):
         return Decision.UNCHANGED
     if same_bytes and row["status"] == FAILED and row["permanent"]:
         return Decision.PREVIOUSLY_FAILED

@@ -19,6 +19,7 @@ import numpy as np
 
 from mess_ai.audio import AudioSource
 from mess_ai.audio.decode_pool import DecodingProcessDied
+from mess_ai.audio.loading import DECODER_REVISION
 from mess_ai.audio.opening import OpenedAudio, sha256_fd
 from mess_ai.deadline import StageTimeout
 from mess_ai.errors import InputError, TrackBusyError
@@ -140,7 +141,8 @@ class TrackAttempt:
             self._settled = True
             self.store.manifest.mark_done(self.store.dataset, self.source.track_id,
                                           duration_seconds=self.duration_seconds, n_windows=n_windows,
-                                          seconds_spent=seconds, n_samples=self.n_samples)
+                                          seconds_spent=seconds, n_samples=self.n_samples,
+                                          decoder_revision=DECODER_REVISION)
         finally:
             self.give_back()
         return FileOutcome(self.source.track_id, self.source.relative, "done", attempts=self.attempts,

@@ -86,6 +86,9 @@ tracks = Table(
     # "<inode>:<ctime_ns>" of the file when it was hashed: with size and mtime, what lets a later run reuse the
     # hash without reading the file. A copy that keeps size and mtime (cp -p) still gets a new inode or ctime.
     Column("file_identity", String(64)),
+    # ``mess_ai.audio.loading.DECODER_REVISION`` of the decoding the features were made from (None: before it
+    # was recorded): a decoding bug fixed later names the tracks to extract again.
+    Column("decoder_revision", Integer),
     # The failures listing, the analysis's loading and the artifacts read one status of a dataset; the config-mix
     # check counts a dataset's feature configs: each from an index, not from every row of the dataset.
     Index("ix_tracks_dataset_status", "dataset", "status"),
@@ -93,7 +96,8 @@ tracks = Table(
 )
 
 # Columns added after the first release: added to an existing manifest when it is opened.
-_ADDED_COLUMNS = ("features_config_key", "features_n_windows", "unfinished", "file_identity", "n_samples")
+_ADDED_COLUMNS = ("features_config_key", "features_n_windows", "unfinished", "file_identity", "n_samples",
+                  "decoder_revision")
 
 # What each dataset is: the audio folder it holds recordings of, and the config its features are extracted with
 # (``configs``: JSON, every config key the dataset has had -> what it means, to describe a mix in words).
@@ -362,13 +366,14 @@ class Manifest:
         self._update(dataset, track_id, size=size, mtime_ns=mtime_ns, sha256=sha256, file_identity=file_identity)
 
     def mark_done(self, dataset: str, track_id: str, *, duration_seconds: float, n_windows: int,
-                  seconds_spent: float, n_samples: int | None = None) -> None:
+                  seconds_spent: float, n_samples: int | None = None, decoder_revision: int | None = None) -> None:
         """``n_samples``: of the decoded signal the windows were cut from (None: not known, as in rows written
-        before mess-ai recorded it; readers then derive it from ``duration_seconds``)."""
+        before mess-ai recorded it; readers then derive it from ``duration_seconds``); ``decoder_revision``: the
+        decoding's (``mess_ai.audio.loading.DECODER_REVISION``)."""
         self._update(dataset, track_id, status=DONE, failure_stage=None, error_class=None, error_message=None,
                      permanent=None, duration_seconds=duration_seconds, n_windows=n_windows, n_samples=n_samples,
-                     seconds_spent=seconds_spent, features_config_key=tracks.c.config_key,
-                     features_n_windows=n_windows, unfinished=0)
+                     decoder_revision=decoder_revision, seconds_spent=seconds_spent,
+                     features_config_key=tracks.c.config_key, features_n_windows=n_windows, unfinished=0)
 
     def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
                     permanent: bool, seconds_spent: float, duration_seconds: float | None = None,

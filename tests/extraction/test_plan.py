@@ -49,6 +49,13 @@ def stat(size: int = 100, mtime_ns: int = 5, ino: int = 7, ctime_ns: int = 9) ->
     (FileState("unknown_bytes.wav", row(FAILED, sha256=None, permanent=True), None), Decision.TO_DO),
     (FileState("given_back.wav", row(PENDING, unfinished=0)), Decision.TO_DO),
     (FileState("died_in.wav", row(PENDING, unfinished=2)), Decision.SUSPECT),
+    # An MP3 longer than one decoding block, decoded before the fix of libsndfile's block reads: extracted again.
+    (FileState("long.mp3", row(duration_seconds=45.0), SHA, outputs_valid=True), Decision.TO_DO),
+    (FileState("long.MP3", row(duration_seconds=45.0, decoder_revision=1), SHA, outputs_valid=True), Decision.TO_DO),
+    (FileState("fixed.mp3", row(duration_seconds=45.0, decoder_revision=2), SHA, outputs_valid=True),
+     Decision.UNCHANGED),
+    (FileState("one_block.mp3", row(duration_seconds=30.0), SHA, outputs_valid=True), Decision.UNCHANGED),
+    (FileState("long.wav", row(duration_seconds=45.0), SHA, outputs_valid=True), Decision.UNCHANGED),
 ])
 def test_each_file_gets_one_decision_from_its_row_and_bytes(state, expected):
     assert decide(state, KEY) == expected
