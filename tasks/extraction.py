@@ -164,6 +164,11 @@ class _SlotHolder(threading.Thread):
                             return
                         continue
                     self.failed_attempts += 1
+                    if self.held and self._released.is_set():
+                        # Said, not swallowed: the next run waits for this slot until its lease ends.
+                        _logger().warning("Could not give the '%s' concurrency slot back (%s); the server frees "
+                                          "it when its lease ends, within %d s.", self.limit,
+                                          str(exc) or type(exc).__name__, GPU_LEASE_SECONDS)
                     if self.held or self._released.is_set() or not api_unreachable(exc) \
                             or waited >= SLOT_RETRY_SECONDS:
                         self.error = exc
