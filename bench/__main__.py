@@ -36,6 +36,7 @@ BENCHMARKS = {
     "end-to-end": "bench.end_to_end",
     "gpu": "bench.gpu",
     "dataset-size": "bench.dataset_size",
+    "export": "bench.export",
 }
 
 
