@@ -15,7 +15,7 @@ import numpy as np
 from mess_ai.analysis.loading import read_tracks
 from mess_ai.analysis.preprocessing import LAYER_MEAN, Layer, check_layer, select_layer
 from mess_ai.analysis.search import FAISS_MIN_TRACKS, check_k, open_index, ranked
-from mess_ai.errors import MessError, ModelError
+from mess_ai.errors import MessError, ModelError, ModelUnavailableError
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,14 +53,21 @@ def embed_recording(store_root: str | Path, dataset: str | None, audio_path: str
         raise MessError(f"dataset '{dataset}' of store {store_root} has no provenance.json, which names the model "
                         "and settings its features were made with: extract recordings into it first")
     config = extraction_config(provenance, dataset, device or "auto")
-    # A hub model at the commit the features were made with, wherever its branch has moved since.
-    identity = model_identity(config.model, provenance["resolved_revision"] or config.revision)
-    difference = model_difference(provenance, identity)
-    if difference is not None:
-        raise ModelError(f"cannot embed {audio_path} for dataset '{dataset}': the model {config.model} is not the "
-                         f"one its features were made with ({difference}). Put that checkpoint back, or re-extract "
-                         "the dataset with this one (--reextract)")
-    model = load_model(config, identity, config.precision, dataset, get_model)
+    try:
+        # A hub model at the commit the features were made with, wherever its branch has moved since.
+        identity = model_identity(config.model, provenance["resolved_revision"] or config.revision)
+        difference = model_difference(provenance, identity)
+        if difference is not None:
+            raise ModelError(f"cannot embed {audio_path} for dataset '{dataset}': the model {config.model} is not "
+                             f"the one its features were made with ({difference}). Put that checkpoint back, or "
+                             "re-extract the dataset with this one (--reextract)")
+        model = load_model(config, identity, config.precision, dataset, get_model)
+    except ModelUnavailableError as exc:
+        # The loader's advice ends with passing another model (--model), which a query cannot: it must use the
+        # dataset's own.
+        advice = str(exc).partition("; or pass a local directory")[0].rstrip(".")
+        raise ModelUnavailableError(f"cannot embed {audio_path} for dataset '{dataset}' with the model its "
+                                    f"provenance.json names: {advice}") from None
     job = embed_file(audio_path, config, extractor_for(model, config, config.precision))
     return EmbeddedRecording(Path(audio_path), dataset, len(job.signal) / model.sampling_rate, job.n_windows,
                              config.model, provenance["config_key"], job.aggregated())

@@ -73,6 +73,17 @@ def test_another_checkpoint_or_no_provenance_is_refused(tone_store, tmp_path, ti
     with pytest.raises(ModelError, match="is not the one its features were made with"):
         find_similar_to_audio(store, "tones", query)
 
+    # A hub model that is not here (no network): what to do, without the loader's advice to pass --model.
+    commit = "0" * 40
+    provenance_path.write_text(json.dumps({**provenance, "model": "m-a-p/MERT-v1-95M", "resolved_revision": commit,
+                                           "model_fingerprint": f"m-a-p/MERT-v1-95M@{commit}",
+                                           "weights_sha256": None}))
+    assert similar("--store", store, "--audio", query) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mess-ai: error: cannot embed {query} for dataset 'tones' with the model its "
+                          f"provenance.json names: Model m-a-p/MERT-v1-95M (revision {commit}) is not available")
+    assert "hf download m-a-p/MERT-v1-95M" in err and "--model" not in err
+
     provenance_path.unlink()
     assert similar("--store", store, "--audio", query) == 2
     assert f"dataset 'tones' of store {store} has no provenance.json" in capsys.readouterr().err
