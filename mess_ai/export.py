@@ -310,7 +310,7 @@ def _window_batches(reader: StoreReader, tracks: Sequence[TrackInfo], layer: Lay
     for track in tracks:
         segments = reader.segments(track.track_id, layer)
         _check_shape(reader, track, segments, layer, "segments")
-        times = reader.window_times(track.track_id)
+        times = reader.window_times(track.track_id, stored_windows=len(segments))
         counts[track.track_id] = len(times)
         pending.append((track, segments, times))
         size += segments.nbytes

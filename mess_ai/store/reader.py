@@ -223,14 +223,15 @@ class StoreReader:
                           float(self._provenance_value("hop_seconds")),
                           float(self._provenance_value("min_duration_seconds")))
 
-    def window_times(self, track_id: str) -> np.ndarray:
+    def window_times(self, track_id: str, stored_windows: int | None = None) -> np.ndarray:
         """Where each of a track's windows lies in its audio: float64 [n_windows, 2], start and end seconds, by the
         rule the windows were cut with (the last window ends at the track's duration).
 
         The sample count is the manifest's ``n_samples`` or, in rows written before it was recorded,
         ``round(duration_seconds * sampling_rate)`` (exact: the duration is that count over the rate). StoreError
         when the windows derived are not as many as the manifest and the segments file hold: times that cannot
-        be trusted are never returned."""
+        be trusted are never returned. ``stored_windows``: the segments file's window count, when the caller has
+        read the file already (its header is read otherwise)."""
         track = self.track(track_id)
         rate = self.sampling_rate
         n_samples = track.n_samples
@@ -245,10 +246,12 @@ class StoreReader:
         except ValueError as exc:
             raise StoreError(f"window times of {track.relative_path} (dataset {self.dataset!r}): {exc}") from exc
         path = feature_path(self.store_root, self.dataset, "segments", track_id)
-        try:
-            stored = read_npy_header(path)[0][0]
-        except FileNotFoundError:
-            raise _missing(path, track, self.store_root) from None
+        stored = stored_windows
+        if stored is None:
+            try:
+                stored = read_npy_header(path)[0][0]
+            except FileNotFoundError:
+                raise _missing(path, track, self.store_root) from None
         if len(times) != stored or (track.n_windows is not None and len(times) != track.n_windows):
             raise StoreError(
                 f"window times of {track.relative_path} (dataset {self.dataset!r}) do not match its features: "
