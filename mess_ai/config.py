@@ -93,10 +93,10 @@ class ExtractConfig(BaseModel):
         from mess_ai.store.keys import config_key
 
         if precision is None:  # torch only when the device decides (a no-op `mess-ai extract` runs without it)
-            from mess_ai.features.device import resolve_device
+            from mess_ai.features.device import device_type
             from mess_ai.features.extractor import resolve_precision
 
-            precision = resolve_precision(self.precision, resolve_device(self.device))
+            precision = resolve_precision(self.precision, device_type(self.device))
         if fingerprint is None:
             from mess_ai.features.identity import model_identity
 

@@ -107,7 +107,8 @@ class _GpuWatch:
 
 class ResourceMonitor:
     """Use as a context manager around a run; ``stage(name)`` around each stage's work. ``devices``: the torch
-    devices the run uses (one, or a list: every GPU its model workers run on); the CUDA ones are watched."""
+    devices the run uses, or their names (one, or a list: every GPU its model workers run on); the CUDA ones are
+    watched (torch is imported only for them)."""
 
     def __init__(self, devices: Any = None, interval_seconds: float = 0.1) -> None:
         self.interval = interval_seconds

@@ -53,7 +53,7 @@ from mess_ai.extraction.track import (
     TrackAttempt,
     fail_stuck,
 )
-from mess_ai.features.device import resolve_device, run_devices
+from mess_ai.features.device import device_type, run_devices
 from mess_ai.features.extractor import TrackJob, resolve_precision
 from mess_ai.features.identity import model_identity
 from mess_ai.features.loaded import LoadedModel
@@ -88,7 +88,7 @@ class ExtractionSession:
         self.config = config or ExtractConfig()
         self.store = FeatureStore(store_root, dataset, manifest_url)
         self.reextract = reextract
-        device = resolve_device(self.config.device)
+        device = device_type(self.config.device)  # without torch on a host with no GPU
         # The precision actually used: with ``auto``, the dataset's own (never a silent re-extraction in another).
         self.precision = resolve_precision(self.config.precision, device, recorded_precision(self.store))
         # The weights, resolved once: the key, the provenance and the model loaded all name the same ones.
@@ -104,7 +104,7 @@ class ExtractionSession:
         # when one kills the process again, no other file's attempt dies with it (see ``isolate``).
         self.suspects: set[str] = set()
         self._lock = threading.Lock()
-        self.decode_workers = (default_decode_workers(device.type, len(self.model_stage.devices), usable_cpus())
+        self.decode_workers = (default_decode_workers(device, len(self.model_stage.devices), usable_cpus())
                                if decode_workers is None else decode_workers)
         self.budget = AudioBudget(budget_seconds(self.decode_workers))
         self._pool: DecodePool | None = None

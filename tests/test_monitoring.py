@@ -53,10 +53,10 @@ def test_several_gpus_are_combined_and_shown_a_row_each():
 def test_the_devices_a_run_watches(monkeypatch):
     monkeypatch.delenv(STAND_IN_GPUS_ENV, raising=False)
     if not torch.cuda.is_available():
-        assert run_devices("auto") == [torch.device("cpu")]
+        assert run_devices("auto") == ["cpu"]
         with pytest.raises(ModelError, match="CUDA"):
             run_devices("cuda")
     else:
-        assert run_devices("cuda") == [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+        assert run_devices("cuda") == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     monkeypatch.setenv(STAND_IN_GPUS_ENV, "2")
-    assert run_devices("auto") == run_devices("cuda") == [torch.device("cpu")]  # stand-ins are the CPU, once
+    assert run_devices("auto") == run_devices("cuda") == ["cpu"]  # stand-ins are the CPU, once

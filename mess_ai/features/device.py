@@ -1,14 +1,21 @@
 """Device choice: which torch device a run uses, and which devices its model workers run on (one per visible GPU).
 ``auto`` takes the best device present; a device asked for by name must be usable here, or the run is refused before
-any model is loaded."""
+any model is loaded.
+
+torch is imported only where a question needs it: on a Linux host without a GPU driver, ``auto`` and ``cpu`` are
+answered without it (importing torch takes 1.5 s, which a run with nothing new, or one that has not reached its
+model yet, need not pay)."""
 
 from __future__ import annotations
 
 import os
-
-import torch
+import sys
+from typing import TYPE_CHECKING
 
 from mess_ai.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 # Tests and benchmarks only: this host has that many stand-in GPUs, each of them the CPU under its own name
 # ('stand-in:0', ...), in place of its CUDA devices. They show, on machines without GPUs, how a run spreads its model
@@ -27,17 +34,41 @@ def stand_in_gpus() -> int:
     return int(value)
 
 
+# What a GPU driver puts on a Linux host (NVIDIA's, in containers too; AMD's ROCm; WSL's GPU bridge): without any
+# of them torch can see no CUDA (or ROCm) device.
+_GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def no_gpu_driver() -> bool:
+    """Whether this host certainly has no GPU for torch: Linux without a GPU driver (elsewhere torch is asked)."""
+    return sys.platform == "linux" and not any(os.path.exists(path) for path in _GPU_DRIVER_PATHS)
+
+
 def visible_gpus() -> int:
     """The CUDA devices this process may use (``CUDA_VISIBLE_DEVICES`` applies), or the stand-ins."""
     stand_ins = stand_in_gpus()
     if stand_ins:
         return stand_ins
+    if no_gpu_driver():
+        return 0
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_type(device: str = "auto") -> str:
+    """``resolve_device(device).type`` ('cuda', 'mps' or 'cpu'), without importing torch where the answer is the
+    CPU for certain (``cpu``, or ``auto`` on a host with no GPU driver and no stand-in GPUs)."""
+    if device == "cpu" or (device == "auto" and not stand_in_gpus() and no_gpu_driver()):
+        return "cpu"
+    return resolve_device(device).type
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device to run on: ``auto`` picks cuda, then mps, then cpu; an explicit device must be usable.
     Stand-in GPUs are the CPU."""
+    import torch
+
     if stand_in_gpus() and (device == "auto" or device.partition(":")[0] == "cuda"):
         model_devices(device, stand_in_gpus(), stand_in=True)  # the same checks as for a real GPU
         return torch.device("cpu")
@@ -80,7 +111,8 @@ def model_devices(device: str, gpus: int, stand_in: bool = False) -> list[str]:
         if int(index) >= gpus:
             raise ModelError(f"Device {device!r} was asked for, but only {gpus} CUDA device(s) are visible.")
         return [f"{name}:{int(index)}"]
-    return [str(resolve_device(device))]
+    kind = device_type(device)
+    return [kind if kind == "cpu" else str(resolve_device(device))]
 
 
 def host_model_devices(device: str) -> list[str]:
@@ -88,10 +120,10 @@ def host_model_devices(device: str) -> list[str]:
     return model_devices(device, visible_gpus(), stand_in=bool(stand_in_gpus()))
 
 
-def run_devices(device: str = "auto") -> list[torch.device]:
-    """The torch devices a run on this host computes on: every GPU its model workers use
-    (``host_model_devices``), or its one device; stand-in GPUs are the CPU, listed once."""
-    return list(dict.fromkeys(torch.device(torch_device(name)) for name in host_model_devices(device)))
+def run_devices(device: str = "auto") -> list[str]:
+    """The torch devices (by name: 'cuda:0', 'cpu') a run on this host computes on: every GPU its model workers
+    use (``host_model_devices``), or its one device; stand-in GPUs are the CPU, listed once."""
+    return list(dict.fromkeys(torch_device(name) for name in host_model_devices(device)))
 
 
 def torch_device(name: str) -> str:
@@ -107,6 +139,8 @@ def host_lock_name(name: str) -> str | None:
     if kind == "cpu":
         return None
     if kind == "cuda":
+        import torch
+
         uuid = getattr(torch.cuda.get_device_properties(int(index or 0)), "uuid", None)
         return f"cuda-{uuid}" if uuid else f"cuda-{index or 0}"
     return name.replace(":", "-")

@@ -19,12 +19,14 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 
 from mess_ai.features.loaded import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,17 @@ DEFAULT_BATCH_SIZE = {"cuda": 32, "mps": 8, "cpu": 4}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_precision(precision: str, device: torch.device, dataset_precision: str | None = None) -> str:
+def resolve_precision(precision: str, device: torch.device | str, dataset_precision: str | None = None) -> str:
     """The precision a run uses. ``auto`` is the dataset's own precision when it has features already (a CPU
     worker joining a GPU pool, or a laptop run on a store built on a GPU, runs bf16 autocast on the CPU rather
-    than re-extract the dataset in fp32), else bf16 autocast on CUDA and fp32 elsewhere."""
+    than re-extract the dataset in fp32), else bf16 autocast on CUDA and fp32 elsewhere. ``device``: a torch
+    device or its type ('cuda', 'cpu'), which is all that decides."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         if dataset_precision in PRECISIONS and dataset_precision != "auto":
             return dataset_precision
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if getattr(device, "type", device) == "cuda" else "fp32"
     return precision
 
 
@@ -49,6 +52,8 @@ def precision_problem(precision: str, device: torch.device) -> str | None:
     """Why ``device`` cannot run ``precision`` (a tiny autocast product fails), or None when it can."""
     if precision != "bf16":
         return None
+    import torch
+
     try:
         with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
@@ -122,10 +127,14 @@ class Extractor:
     # --- one batch -----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
+            import torch
+
             return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _forward(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
         device = self.model.device
         batch = torch.from_numpy(windows)
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
@@ -140,6 +149,8 @@ class Extractor:
 
         On CUDA out-of-memory the batch size is halved and the work goes on; at batch size 1 the error stands.
         """
+        import torch
+
         while True:
             try:
                 parts = [self._forward(windows[i:i + self.batch_size])

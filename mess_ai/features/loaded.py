@@ -10,9 +10,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from mess_ai.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm adds this to the variance; MERT was trained behind that extractor.
 _NORM_EPSILON = 1e-7
@@ -40,6 +43,8 @@ class LoadedModel:
         """
         if windows.ndim != 2:
             raise ValueError(f"windows must be [batch, samples]; got shape {tuple(windows.shape)}.")
+        import torch
+
         values = windows.to(device=self.device, dtype=torch.float32)
         if not self.do_normalize:
             return values
@@ -54,6 +59,8 @@ class LoadedModel:
         Computed by ``hubert_hidden_states`` where ``runs_front_end_per_window(self.model)``, else by
         ``self.model(input_values, output_hidden_states=True)``.
         """
+        import torch
+
         with torch.inference_mode():
             if runs_front_end_per_window(self.model):
                 return hubert_hidden_states(self.model, input_values)
@@ -91,6 +98,8 @@ def hubert_hidden_states(net: torch.nn.Module, input_values: torch.Tensor) -> to
     mask (its SpecAugment masking acts only in training), and ``HubertEncoder``'s hidden states: its input after
     the positional convolution, layer norm and dropout, then each layer's output.
     """
+    import torch
+
     features = torch.cat([net.feature_extractor(input_values[i:i + 1]) for i in range(len(input_values))])
     hidden = net.feature_projection(features.transpose(1, 2))
     encoder = net.encoder

@@ -12,9 +12,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mess_ai.errors import ModelUnavailableError, UnsupportedCheckpointError
 from mess_ai.features.checkpoint import (
@@ -31,6 +29,9 @@ from mess_ai.features.device import resolve_device
 from mess_ai.features.identity import model_fingerprint
 from mess_ai.features.loaded import LoadedModel
 from mess_ai.features.mert import MERT_MODEL_TYPE, load_mert
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from mess_ai.errors import ModelUnavailableError, UnsupportedCheckpointError
 from mess_ai.features.checkpoint import (
     CONFIG_FILE,
@@ -25,6 +23,7 @@ from mess_ai.features.checkpoint import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from transformers import HubertConfig
 
 MERT_MODEL_TYPE = "mert_model"
@@ -89,6 +88,7 @@ def hubert_config(mert: dict[str, Any]) -> HubertConfig:
 
 def load_mert(source_dir: Path, config: dict[str, Any], name_or_path: str, revision: str | None) -> torch.nn.Module:
     """A MERT-v1 checkpoint as transformers' HubertModel, refusing anything HubertModel would compute differently."""
+    import torch
     from transformers import HubertModel
 
     config_path = source_dir / CONFIG_FILE
@@ -124,6 +124,8 @@ def load_mert(source_dir: Path, config: dict[str, Any], name_or_path: str, revis
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` or ``pytorch_model.bin`` file, by name, on the CPU."""
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -127,3 +127,49 @@ def test_within_a_process_model_work_waits_for_a_free_device_and_gets_it_at_once
 def _hold_briefly(devices: dict) -> str:
     with hold_device(devices) as device:
         return device
+
+
+# --- torch only where needed ------------------------------------------------------------------------------------
+
+def test_device_type_is_resolve_devices_type(monkeypatch) -> None:
+    from mess_ai.features.device import device_type
+
+    monkeypatch.delenv(STAND_IN_GPUS_ENV, raising=False)
+    for device in ("auto", "cpu"):
+        assert device_type(device) == resolve_device(device).type
+    monkeypatch.setenv(STAND_IN_GPUS_ENV, "2")
+    assert device_type("auto") == device_type("cuda:1") == "cpu"
+
+
+_NO_TORCH_RUN = """
+import sys
+from mess_ai.config import ExtractConfig
+from mess_ai.pipeline import run_extraction
+import flows.extract, flows.analyze, tasks.extraction, deployments.watch, cli.main
+
+def refuse(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+summary = run_extraction(sys.argv[1], sys.argv[2], config=ExtractConfig(model=sys.argv[3]), model_loader=refuse)
+assert summary.counts.unchanged == 2 and not summary.model_loaded, summary.to_dict()
+print("torch imported:", "torch" in sys.modules, "transformers imported:", "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not __import__("mess_ai.features.device", fromlist=["no_gpu_driver"]).no_gpu_driver(),
+                    reason="this host has a GPU driver: torch is asked which devices there are")
+def test_a_run_with_nothing_new_and_the_flow_modules_never_import_torch(tmp_path, tiny_model) -> None:
+    """On a host without a GPU, deciding the device (``auto``), planning and finding nothing new need no torch:
+    its import (1.5 s) is paid by the model's load only."""
+    from mess_ai.config import ExtractConfig
+    from mess_ai.pipeline import run_extraction
+    from tests.helpers.audio import write_audio
+
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    for i in range(2):
+        write_audio(audio / f"a{i}.wav", seconds=1.0, seed=i)
+    assert run_extraction(audio, store, config=ExtractConfig(model=tiny_model)).done == 2
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH_RUN, str(audio), str(store), tiny_model],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "torch imported: False transformers imported: False" in out.stdout
