@@ -76,8 +76,12 @@ soak-nightly: install
 # A Prefect server on SQLite (in ~/.prefect unless PREFECT_HOME says otherwise), UI at http://$(HOST):$(PORT).
 # Concurrency leases (the `gpu` limit's slots) are kept on disk, not in the server's memory: a slot held when the
 # server dies is then expired after a restart instead of staying taken forever (docs/reliability.md).
+# A run waiting for a busy GPU limit asks again when the server says (Retry-After): by default the slots' average
+# hold time times the requests denied so far, up to 30 s (x 1.3 jitter), so the GPU idled up to 39 s after each
+# hand-over between runs. 5 s bounds that at 6.5 s, for one request every 5 s per waiting run.
 SERVER_ENV = PREFECT_SERVER_ANALYTICS_ENABLED=false \
-	PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem
+	PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem \
+	PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS=5
 # The UI is told where the API is (PREFECT_UI_API_URL): without it, it looks for the API on port 4200 whatever PORT
 # is. PREFECT_UI_URL: the links in notifications.
 server: install

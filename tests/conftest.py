@@ -60,9 +60,24 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """One real Prefect API (a temporary server on SQLite) for the whole session: starting one takes ~15 s."""
+    """One real Prefect API (a temporary server on SQLite) for the whole session: starting one takes ~15 s. As
+    `make server` does, it tells a run waiting for a busy GPU limit to ask again within 5 s, not up to 39 s (the
+    Makefile's SERVER_ENV says why). (Not its lease storage on disk: that is one folder for every server of a
+    PREFECT_HOME, and each pytest-xdist process has a harness of its own.)"""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+    from tests.helpers.prefect_server import SERVER_SETTINGS
+
+    wait = "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS"
+    saved = {wait: os.environ.get(wait)}
+    os.environ[wait] = SERVER_SETTINGS[wait]  # the harness's server process takes it from the environment
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield PREFECT_API_URL.value()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

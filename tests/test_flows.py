@@ -6,6 +6,7 @@ import io
 import logging
 import re
 import threading
+import time
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -223,6 +224,41 @@ def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model, monkeypat
     assert len(intervals) == 8 and all(r["done"] == 4 for r in results.values())
     for (start1, end1, _), (start2, end2, _) in zip(intervals, intervals[1:]):
         assert end1 <= start2, f"model work overlapped: {end1} > {start2}"
+
+
+def test_a_run_waiting_for_a_busy_gpu_limit_is_told_to_ask_again_within_seconds(prefect_api):
+    """The server tells a run denied a slot when to ask again (Retry-After): the slots' average hold time, up to
+    30 s by default (x 1.3 jitter). A run holds its GPU slot for the whole run, minutes or hours, so a run waiting
+    for the GPU kept it idle up to 39 s after the run before it let go. The API (as `make server` starts it) caps
+    the wait at 5 s."""
+    import httpx
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-retry-test", limit=1))
+    slot = {"names": ["gpu-retry-test"], "slots": 1}
+    with httpx.Client(base_url=prefect_api, timeout=30) as http:
+        def post(path: str, body: dict) -> httpx.Response:
+            for _ in range(20):  # SQLite busy (503): asked again, as Prefect's client does
+                response = http.post(path, json=body)
+                if response.status_code != 503:
+                    return response
+                time.sleep(0.5)
+            return response
+
+        for _ in range(10):  # runs that held the GPU ten minutes each
+            assert post("/v2/concurrency_limits/increment", {**slot, "mode": "concurrency"}).is_success
+            assert post("/v2/concurrency_limits/decrement", {**slot, "occupancy_seconds": 600}).is_success
+        lease = {**slot, "mode": "concurrency", "lease_duration": 60}
+        held = post("/v2/concurrency_limits/increment-with-lease", lease)
+        assert held.status_code == 200, held.text
+        waits = []
+        for _ in range(10):
+            denied = post("/v2/concurrency_limits/increment-with-lease", lease)
+            assert denied.status_code == 423, denied.text  # the limit bites
+            waits.append(float(denied.headers["Retry-After"]))
+        http.delete(f"/v2/concurrency_limits/leases/{held.json()['lease_id']}")
+    assert max(waits) <= 5 * 1.3, waits
 
 
 def test_a_run_takes_its_gpu_slot_once_and_gives_it_back(tmp_path, tiny_model, monkeypatch):
