@@ -58,6 +58,7 @@ from mess_ai.features.extractor import TrackJob, resolve_precision
 from mess_ai.features.identity import model_identity
 from mess_ai.features.loaded import LoadedModel
 from mess_ai.features.loading import get_model
+from mess_ai.gc_pause import gc_paused
 from mess_ai.monitoring import ResourceMonitor
 from mess_ai.store import DONE, FeatureStore
 from mess_ai.store.integrity import IntegrityReport, check_dataset
@@ -150,7 +151,7 @@ class ExtractionSession:
         if not audio_dir.is_dir():
             raise FileNotFoundError(f"audio folder {audio_dir} does not exist or is not a folder")
         self.open_dataset(audio_dir)
-        with self.stats.stage("discover"):
+        with self.stats.stage("discover"), gc_paused():
             sources = discover_audio(audio_dir)
             self.store.sweep_temp_files()
         self.stats.found(len(sources))
@@ -168,7 +169,7 @@ class ExtractionSession:
         not selected: with ``files`` (paths relative to the audio folder) those not named, with ``only_failed``
         those whose last attempt did not fail."""
         selection = Selection(only_failed, None if files is None else frozenset(files))
-        with self.stats.stage("discover"):
+        with self.stats.stage("discover"), gc_paused():
             states = self._file_states(sources, selection, whole_dataset=True)
             decisions = plan_files(states, self.key, selection)
             for source, state, decision in zip(sources, states, decisions):

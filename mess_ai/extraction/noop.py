@@ -17,6 +17,7 @@ from mess_ai.extraction.plan import Decision, Selection, plan_files, settled_out
 from mess_ai.extraction.stats import RunStats, RunSummary
 from mess_ai.extraction.steps import file_states, plan_rows
 from mess_ai.features.identity import model_identity
+from mess_ai.gc_pause import gc_paused
 from mess_ai.store.integrity import IntegrityReport, check_dataset
 from mess_ai.store.layout import MANIFEST_FILE, FeatureStore
 
@@ -56,7 +57,7 @@ def nothing_new(audio_dir: str | Path, store_root: str | Path, dataset: str, con
             return None
         stats = RunStats()
         selection = Selection(only_failed)
-        with stats.stage("discover"):
+        with stats.stage("discover"), gc_paused():
             sources = discover_audio(audio_dir)
             stats.found(len(sources))
             rows = plan_rows(store, sources, selection, whole_dataset=True)
