@@ -282,6 +282,12 @@ def test_a_run_takes_its_gpu_slot_once_and_gives_it_back(tmp_path, tiny_model, m
     assert taken == ["gpu-once-test"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-once-test").active_slots == 0
+    # A run that finds nothing to do never asks for the GPU.
+    again = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=1, gpu_limit="gpu-once-test")
+    assert again["unchanged"] == 3 and not again["model_loaded"]
+    assert taken == ["gpu-once-test"]
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu-once-test").active_slots == 0
 
 
 @pytest.mark.parametrize(("files", "files_per_task", "expected"), [
