@@ -195,9 +195,8 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
         "to more than the wall time. Hashing each new file's bytes (sha256) happens before the preprocess stage "
         "starts timing, so it is in the wall time but in no stage.",
         "The flow's default GPU concurrency limit ('gpu', one slot) is taken once per run, through the Prefect "
-        "API, as soon as the run knows it has files to extract (while the model loads), and held until its last "
-        "chunk's model work is done; the run "
-        "without it shows what taking it costs against this API.",
+        "API, from the run's start (while it plans and its model loads), and held until its last chunk's model "
+        "work is done; the run without it shows what taking it costs against this API.",
         "A whole flow call ends by waiting for Prefect's heartbeat thread, which sleeps in 1 s steps, so its wall "
         "time comes in steps of about a second: compare the flow bodies for what the GPU limit costs. Taking the "
         "slot is one request, answered in milliseconds when the API is idle; while the API records the run's "

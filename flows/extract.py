@@ -85,19 +85,23 @@ def extract_features(
     slot = GpuSlot(None)
     try:
         with monitor:
-            pending = discover_files(quote(session), audio_dir, only_failed, files, limits)
             # One model worker per device, at most as many as the limit has slots (a limit of none, paused by an
             # operator, still has one waiting).
             workers = len(session.devices)
-            if pending and gpu_limit:
+            if gpu_limit:
                 slots = ensure_concurrency_limit(gpu_limit, run.gpu_slots, session.devices)
                 workers = max(1, min(workers, slots))
                 slot = GpuSlot(gpu_limit, workers)
-                # Taken in the background from now, while the model loads (validate): the API takes seconds to
-                # grant a slot while it records the run's task runs, which after the load delayed the first window.
+                # Taken in the background from now, while the folder is listed and planned and the model loads:
+                # the API takes ~2 s to grant a slot while it records the run's task runs (SQLite), which after
+                # the plan of a big folder, or after the model load, delayed the first window by as much. A run
+                # that finds nothing to do gives it back at once.
                 slot.take()
             else:
                 slot = GpuSlot(None, workers)
+            pending = discover_files(quote(session), audio_dir, only_failed, files, limits)
+            if not pending:
+                slot.release(settle_seconds=NOTHING_TO_DO_SLOT_SECONDS)
             valid = _validate(session, pending, limits) if pending else []
             if valid:
                 suspects, others = session.isolate(valid)
@@ -133,6 +137,11 @@ def extract_features(
                                            manifest_secret=manifest_secret)
     announce_outcome(summary)
     return result
+
+
+# How long a run that finds nothing to do waits for the GPU slot it asked for as it started to be granted (and given
+# back) or refused: the API grants one in milliseconds, or ~2 s when SQLite is busy (GpuSlot.release).
+NOTHING_TO_DO_SLOT_SECONDS = 5.0
 
 
 def balanced_files_per_chunk(files: int, files_per_task: int, in_flight: int = 2) -> int:

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -274,12 +275,18 @@ class GpuSlot:
                         raise holder.error
                 self._changed.wait()
 
-    def release(self) -> None:
-        """Give the run's slots back (at the end of its chunks)."""
+    def release(self, settle_seconds: float = 0.0) -> None:
+        """Give the run's slots back (at the end of its chunks). ``settle_seconds``: how long to wait first for a
+        slot still being asked for to be granted (then given back at once) or refused: a run that asks for its
+        slots as it starts and then finds nothing to do would otherwise leave a request that the API may grant
+        after the run's process has ended, and that slot would stay taken until its lease ends (60 s). A request
+        waiting for a busy limit holds nothing: the run does not wait for it longer than that."""
         with self._changed:
             holders, self._holders = self._holders, []
             self._released = True
+        deadline = time.monotonic() + settle_seconds
         for holder in holders:
+            holder.settled.wait(max(0.0, deadline - time.monotonic()))
             holder.stop()
 
 

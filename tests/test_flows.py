@@ -282,10 +282,10 @@ def test_a_run_takes_its_gpu_slot_once_and_gives_it_back(tmp_path, tiny_model, m
     assert taken == ["gpu-once-test"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-once-test").active_slots == 0
-    # A run that finds nothing to do never asks for the GPU.
+    # A run asks for its slot as it starts (while it plans); one that finds nothing to do gives it back.
     again = run_flow(audio, tmp_path / "store", tiny_model, files_per_task=1, gpu_limit="gpu-once-test")
     assert again["unchanged"] == 3 and not again["model_loaded"]
-    assert taken == ["gpu-once-test"]
+    assert taken == ["gpu-once-test", "gpu-once-test"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-once-test").active_slots == 0
 
