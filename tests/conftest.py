@@ -70,14 +70,13 @@ def prefect_api():
     from tests.helpers.prefect_server import SERVER_SETTINGS
 
     wait = "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS"
-    saved = {wait: os.environ.get(wait)}
+    saved = os.environ.get(wait)
     os.environ[wait] = SERVER_SETTINGS[wait]  # the harness's server process takes it from the environment
     try:
         with prefect_test_harness(server_startup_timeout=180):
             yield PREFECT_API_URL.value()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if saved is None:
+            os.environ.pop(wait, None)
+        else:
+            os.environ[wait] = saved

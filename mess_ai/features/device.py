@@ -56,12 +56,16 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _cpu_for_certain(device: str) -> bool:
+    """Whether ``resolve_device(device)`` is the CPU, known without importing torch: ``cpu``, or ``auto`` on a host
+    with no GPU driver and no stand-in GPUs."""
+    return device == "cpu" or (device == "auto" and not stand_in_gpus() and no_gpu_driver())
+
+
 def device_type(device: str = "auto") -> str:
     """``resolve_device(device).type`` ('cuda', 'mps' or 'cpu'), without importing torch where the answer is the
-    CPU for certain (``cpu``, or ``auto`` on a host with no GPU driver and no stand-in GPUs)."""
-    if device == "cpu" or (device == "auto" and not stand_in_gpus() and no_gpu_driver()):
-        return "cpu"
-    return resolve_device(device).type
+    CPU for certain."""
+    return "cpu" if _cpu_for_certain(device) else resolve_device(device).type
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -111,8 +115,7 @@ def model_devices(device: str, gpus: int, stand_in: bool = False) -> list[str]:
         if int(index) >= gpus:
             raise ModelError(f"Device {device!r} was asked for, but only {gpus} CUDA device(s) are visible.")
         return [f"{name}:{int(index)}"]
-    kind = device_type(device)
-    return [kind if kind == "cpu" else str(resolve_device(device))]
+    return ["cpu"] if _cpu_for_certain(device) else [str(resolve_device(device))]
 
 
 def host_model_devices(device: str) -> list[str]:
