@@ -37,6 +37,7 @@ BENCHMARKS = {
     "gpu": "bench.gpu",
     "dataset-size": "bench.dataset_size",
     "export": "bench.export",
+    "settle": "bench.settle",
 }
 
 

@@ -374,3 +374,23 @@ def test_bf16_is_close_to_fp32_at_mert_size(base_size_model):
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() >= 0.999, cosine
     assert not np.array_equal(a, b)
+
+
+def test_short_files_one_batch_finishes_are_recorded_done_in_one_manifest_write(tmp_path, tiny_model, monkeypatch):
+    from mess_ai.store import Manifest
+
+    for i in range(6):  # one 5 s window each: three files share each batch of 3
+        write_audio(tmp_path / "audio" / f"clip{i}.wav", seconds=5.0, sample_rate=SR, frequency=300 + 40 * i)
+    groups = []
+    real = Manifest.mark_done_many
+
+    def recording(self, dataset, done, release_claims=()):
+        groups.append(len(done))
+        return real(self, dataset, done, release_claims)
+
+    monkeypatch.setattr(Manifest, "mark_done_many", recording)
+    summary = run_extraction(tmp_path / "audio", tmp_path / "store", config=config(tiny_model, batch_size=3),
+                             decode_workers=0)
+    assert summary.done == 6
+    assert groups == [3, 3]  # not six writes of one
+    assert check_store(tmp_path / "store").ok

@@ -19,7 +19,7 @@ from mess_ai.extraction.decoding import DecodeAhead
 from mess_ai.extraction.provenance import build_provenance
 from mess_ai.extraction.stats import FileOutcome, RunStats
 from mess_ai.extraction.steps import check_written, extractor_for, load_model, write_features
-from mess_ai.extraction.track import TrackAttempt
+from mess_ai.extraction.track import TrackAttempt, settle_done
 from mess_ai.features.device import host_lock_name, host_model_devices, torch_device
 from mess_ai.features.device_locks import hold_device
 from mess_ai.features.extractor import Extractor, TrackJob
@@ -163,35 +163,53 @@ class ModelStage:
                         self.stats.add_model_work(started, time.time(), device)
 
     def _run(self, jobs: Iterator[TrackJob], worker: ModelWorker, doing: str) -> list[FileOutcome]:
-        """The model's work on ``jobs`` on ``worker``'s device, each written as it completes."""
+        """The model's work on ``jobs`` on ``worker``'s device, the tracks each batch completes written together
+        as soon as it completes."""
         outcomes = []
         extractor = worker.extractor
         try:
             with self.stats.watch("extract"):
                 on_raw = _write_raw_window if self.config.keep_raw else None
                 self.activity.set(doing)
-                for job in extractor.run(jobs, on_raw=on_raw):
-                    outcomes.append(self._finish(job, worker.device))
+                for finished in extractor.run_batches(jobs, on_raw=on_raw):
+                    outcomes += self._finish(finished, worker.device)
                     self.activity.set(doing)
         finally:
             self.stats.add_first_window(extractor.stats.first_batch_at)
         return outcomes
 
-    def _finish(self, job: TrackJob, device: str) -> FileOutcome:
-        """Write the features of a track the model is done with on ``device``, check them, and record its
-        outcome."""
-        track: TrackAttempt = job.context
-        if job.error is not None:
-            return self.stats.record(dataclasses.replace(track.failed("extract", job.error), device=device))
-        try:
-            self.activity.set(f"writing the features of {track.source.relative}", job.track_id, "write")
-            with self.stats.stage("write", files=1, audio_seconds=track.duration_seconds):
-                write_features(self.store, job)
-            with self.stats.stage("integrity", files=1, audio_seconds=track.duration_seconds):
-                check_written(self.store, job, self.config.keep_raw)
-        except Exception as exc:  # noqa: BLE001 - e.g. disk full: recorded, retried
-            return self.stats.record(dataclasses.replace(track.failed("write", exc), device=device))
-        return self.stats.record(dataclasses.replace(track.done(job.n_windows), device=device))
+    def _finish(self, jobs: list[TrackJob], device: str) -> list[FileOutcome]:
+        """Write the features of tracks the model finished together on ``device``, check them, and record their
+        outcomes: each track's files, then one sync of the feature folders and one manifest write for all of
+        them (``settle_done``). A track that fails is recorded on its own; the others are not held back."""
+        outcomes: list[FileOutcome] = []
+        written: list[TrackJob] = []
+
+        def record(outcome: FileOutcome) -> None:
+            outcomes.append(self.stats.record(dataclasses.replace(outcome, device=device)))
+
+        for job in jobs:
+            track: TrackAttempt = job.context
+            if job.error is not None:
+                record(track.failed("extract", job.error))
+                continue
+            try:
+                self.activity.set(f"writing the features of {track.source.relative}", job.track_id, "write")
+                with self.stats.stage("write", files=1, audio_seconds=track.duration_seconds):
+                    write_features(self.store, job, sync_dirs=False)
+                with self.stats.stage("integrity", files=1, audio_seconds=track.duration_seconds):
+                    check_written(self.store, job, self.config.keep_raw)
+            except Exception as exc:  # noqa: BLE001 - e.g. disk full: recorded, retried
+                record(track.failed("write", exc))
+                continue
+            written.append(job)
+        if written:
+            self.activity.set(f"recording {len(written)} tracks as done", written[0].track_id, "write")
+            with self.stats.stage("write"):
+                self.store.sync_feature_dirs()  # the renames durable before the manifest says done
+            for outcome in settle_done([(job.context, job.n_windows) for job in written]):
+                record(outcome)
+        return outcomes
 
 
 def _write_raw_window(job: TrackJob, index: int, window: Any) -> None:

@@ -181,9 +181,10 @@ def model_segments(job: TrackJob) -> np.ndarray:
     return job.segments
 
 
-def write_features(store: FeatureStore, job: TrackJob) -> None:
-    """Write one track's segments and aggregated features, and put its raw file (if any) in place."""
-    store.write_segments(job.track_id, model_segments(job), job.aggregated())
+def write_features(store: FeatureStore, job: TrackJob, sync_dirs: bool = True) -> None:
+    """Write one track's segments and aggregated features, and put its raw file (if any) in place. ``sync_dirs``
+    False: the caller makes the renames durable (``FeatureStore.sync_feature_dirs``) for several tracks at once."""
+    store.write_segments(job.track_id, model_segments(job), job.aggregated(), sync_dirs=sync_dirs)
     job.context.complete_files()
 
 

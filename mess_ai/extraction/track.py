@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from mess_ai.extraction.plan import file_identity, known_sha256
 from mess_ai.extraction.stats import FileOutcome
 from mess_ai.store import PENDING, FeatureStore
 from mess_ai.store.lock import ClaimedTrackLock
-from mess_ai.store.manifest import unfinished_before
+from mess_ai.store.manifest import Done, unfinished_before
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,7 @@ class TrackAttempt:
 
     def done(self, n_windows: int) -> FileOutcome:
         """Record the attempt as done and give the track back."""
-        seconds = time.perf_counter() - self.started
-        try:
-            self._settled = True
-            self.store.manifest.mark_done(self.store.dataset, self.source.track_id,
-                                          duration_seconds=self.duration_seconds, n_windows=n_windows,
-                                          seconds_spent=seconds, n_samples=self.n_samples,
-                                          decoder_revision=DECODER_REVISION)
-        finally:
-            self.give_back()
-        return FileOutcome(self.source.track_id, self.source.relative, "done", attempts=self.attempts,
-                           duration_seconds=self.duration_seconds, seconds=seconds)
+        return settle_done([(self, n_windows)])[0]
 
     def failed(self, stage: str, exc: BaseException) -> FileOutcome:
         """Record the attempt as failed at ``stage`` because of ``exc`` (permanent for an ``InputError``: bad
@@ -189,6 +179,34 @@ class TrackAttempt:
     def _discard_unfinished(self) -> None:
         """Close what the attempt left open without completing it: an unfinished raw file's temporary is removed."""
         self._files.__exit__(_Unfinished, _Unfinished(), None)
+
+
+def settle_done(finished: Sequence[tuple[TrackAttempt, int]]) -> list[FileOutcome]:
+    """Record the attempts of ``finished`` ((track, its window count): tracks whose features are written, of one
+    store) as done, then give each track back. One manifest transaction marks them all done and deletes their
+    claims, so the tracks one model batch finishes cost one write, not two per track. When it fails (the
+    manifest cannot be written), every track is still given back: its lock released, its row left pending."""
+    if not finished:
+        return []
+    store = finished[0][0].store
+    if any(track.store is not store for track, _ in finished):
+        raise ValueError("tracks settled together must be of one store")
+    now = time.perf_counter()
+    done = [Done(track.source.track_id, track.duration_seconds, n_windows, now - track.started, track.n_samples,
+                 DECODER_REVISION) for track, n_windows in finished]
+    try:
+        for track, _ in finished:
+            track._settled = True
+        store.manifest.mark_done_many(store.dataset, done, release_claims=[
+            (track.source.track_id, track.lock.owner) for track, _ in finished if track.lock.claimed])
+        for track, _ in finished:
+            track.lock.claim_released()
+    finally:
+        for track, _ in finished:
+            track.give_back()
+    return [FileOutcome(track.source.track_id, track.source.relative, "done", attempts=track.attempts,
+                        duration_seconds=track.duration_seconds, seconds=record.seconds_spent)
+            for (track, _), record in zip(finished, done)]
 
 
 def fail_stuck(store: FeatureStore, source: AudioSource, key: str, timeout: StageTimeout) -> FileOutcome:

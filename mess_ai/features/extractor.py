@@ -206,12 +206,21 @@ class Extractor:
         batches; a file shorter than one window has a single window of its own length and runs alone.
         Jobs are yielded in the order they complete.
         """
+        for finished in self.run_batches(jobs, on_raw):
+            yield from finished
+
+    def run_batches(self, jobs: Iterable[TrackJob], on_raw: RawCallback | None = None) -> Iterator[list[TrackJob]]:
+        """As ``run``, the jobs that complete together yielded together: those a batch completed (short files
+        share batches, up to ``batch_size`` of them), for the caller to write in one go."""
         queue: deque[tuple[TrackJob, int]] = deque()
         waiting: deque[TrackJob] = deque()
 
-        def finished() -> Iterator[TrackJob]:
+        def finished() -> Iterator[list[TrackJob]]:
+            done = []
             while waiting and waiting[0].complete:
-                yield waiting.popleft()
+                done.append(waiting.popleft())
+            if done:
+                yield done
 
         for job in jobs:
             if job.n_windows == 0:
@@ -226,4 +235,5 @@ class Extractor:
             yield from finished()
         while queue:
             self._run_batch([queue.popleft() for _ in range(min(self.batch_size, len(queue)))], on_raw)
+            yield from finished()
         yield from finished()

@@ -47,8 +47,10 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and renamed onto ``path``, on error removed."""
+def atomic_target(path: str | Path, sync_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed onto ``path``, on error removed.
+    ``sync_dir`` False leaves the rename's durability to the caller (``fsync_dir`` of the folder, once for many
+    files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(path)
@@ -60,7 +62,8 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -25,6 +25,7 @@ from mess_ai.store.atomic import (
     atomic_npy_memmap,
     atomic_target,
     atomic_write_json,
+    fsync_dir,
     read_npy_header,
     target_of_temp,
 )
@@ -160,17 +161,24 @@ class FeatureStore:
             return False
         return True
 
-    def write_segments(self, track_id: str, segments: np.ndarray, aggregated: np.ndarray) -> None:
+    def write_segments(self, track_id: str, segments: np.ndarray, aggregated: np.ndarray,
+                       sync_dirs: bool = True) -> None:
         """segments: float32 [n_windows, n_states, hidden]; aggregated: float32 [n_states, hidden].
 
         Both are written in full (and fsynced) before either is renamed into place, so a write that fails (disk
         full) leaves the track's earlier features as they were, never a new segments file beside an old
-        aggregated one."""
-        with atomic_target(self.path("segments", track_id)) as segments_temp, \
-                atomic_target(self.path("aggregated", track_id)) as aggregated_temp:
+        aggregated one. ``sync_dirs`` False leaves the renames' durability to ``sync_feature_dirs``, called once
+        for the tracks written together."""
+        with atomic_target(self.path("segments", track_id), sync_dirs) as segments_temp, \
+                atomic_target(self.path("aggregated", track_id), sync_dirs) as aggregated_temp:
             for temp, array in ((segments_temp, segments), (aggregated_temp, aggregated)):
                 with open(temp, "wb") as fh:
                     np.save(fh, np.ascontiguousarray(array.astype(np.float32, copy=False)), allow_pickle=False)
+
+    def sync_feature_dirs(self) -> None:
+        """Make the renames of ``write_segments(..., sync_dirs=False)`` durable: one fsync per scale folder."""
+        for scale in ("segments", "aggregated"):
+            fsync_dir(self.dataset_dir / scale)
 
     def raw_writer(self, track_id: str, shape: tuple[int, ...]):
         """A memory map for raw: float16 [n_windows, n_states, frames, hidden], in place only once complete."""

@@ -88,6 +88,15 @@ class ClaimedTrackLock:
             time.sleep(self.poll_seconds)
         self._claimed = True
 
+    @property
+    def claimed(self) -> bool:
+        return self._claimed
+
+    def claim_released(self) -> None:
+        """The claim was deleted by the caller (in the transaction that settled the track): ``release`` then
+        releases the file lock alone."""
+        self._claimed = False
+
     def release(self) -> None:
         """Release the claim, then the file lock, even when the manifest cannot be written (the claim then
         expires, or is taken over at once by a process of this host: the file lock is free)."""

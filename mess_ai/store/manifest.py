@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -123,6 +123,17 @@ claims = Table(
     Column("owner", String(200), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+
+
+class Done(NamedTuple):
+    """A track whose attempt is done: what ``Manifest.mark_done`` records of it."""
+
+    track_id: str
+    duration_seconds: float
+    n_windows: int
+    seconds_spent: float
+    n_samples: int | None = None
+    decoder_revision: int | None = None
 
 
 def unfinished_before(row: Mapping[str, Any] | None, sha256: str | None, config_key: str) -> int:
@@ -370,10 +381,29 @@ class Manifest:
         """``n_samples``: of the decoded signal the windows were cut from (None: not known, as in rows written
         before mess-ai recorded it; readers then derive it from ``duration_seconds``); ``decoder_revision``: the
         decoding's (``mess_ai.audio.loading.DECODER_REVISION``)."""
-        self._update(dataset, track_id, status=DONE, failure_stage=None, error_class=None, error_message=None,
-                     permanent=None, duration_seconds=duration_seconds, n_windows=n_windows, n_samples=n_samples,
-                     decoder_revision=decoder_revision, seconds_spent=seconds_spent,
-                     features_config_key=tracks.c.config_key, features_n_windows=n_windows, unfinished=0)
+        self.mark_done_many(dataset, [Done(track_id, duration_seconds, n_windows, seconds_spent, n_samples,
+                                           decoder_revision)])
+
+    @_database_errors("write")
+    def mark_done_many(self, dataset: str, done: Sequence[Done], release_claims: Sequence[tuple[str, str]] = ()
+                       ) -> None:
+        """Mark every track of ``done`` done (as ``mark_done``) and delete the claims ``release_claims`` names
+        ((track id, owner)), all in one transaction: the tracks one model batch finishes are settled with one
+        write, not two per track. Nothing is written when a track has no row (``StoreError``)."""
+        with self.engine.begin() as conn:
+            for track in done:
+                result = conn.execute(
+                    tracks.update().where(tracks.c.dataset == dataset, tracks.c.track_id == track.track_id).values(
+                        status=DONE, failure_stage=None, error_class=None, error_message=None, permanent=None,
+                        duration_seconds=track.duration_seconds, n_windows=track.n_windows,
+                        n_samples=track.n_samples, decoder_revision=track.decoder_revision,
+                        seconds_spent=track.seconds_spent, features_config_key=tracks.c.config_key,
+                        features_n_windows=track.n_windows, unfinished=0))
+                if result.rowcount != 1:
+                    raise StoreError(f"manifest has no row for {dataset}/{track.track_id}")
+            for track_id, owner in release_claims:
+                conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
+                                                   claims.c.owner == owner))
 
     def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
                     permanent: bool, seconds_spent: float, duration_seconds: float | None = None,

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import event, select
 
 from mess_ai.audio import discover_audio
 from mess_ai.audio.opening import open_audio
 from mess_ai.deadline import StageTimeout
 from mess_ai.errors import InputError
-from mess_ai.extraction.track import UNFINISHED_BEFORE_GIVING_UP, TrackAttempt, fail_stuck
+from mess_ai.extraction.track import UNFINISHED_BEFORE_GIVING_UP, TrackAttempt, fail_stuck, settle_done
 from mess_ai.store import DONE, FAILED, PENDING, FeatureStore, Manifest, atomic_save_npy
+from mess_ai.store.manifest import claims
 from tests.helpers.audio import write_audio
 
 KEY = "key-of-this-run"
@@ -67,6 +69,50 @@ def test_done_records_the_outcome_and_releases(store, source):
     assert (outcome.status, outcome.attempts, outcome.duration_seconds) == ("done", 1, 1.0)
 
 
+def test_tracks_finished_together_are_settled_in_one_manifest_transaction(store, tmp_path):
+    for i in range(4):
+        write_audio(tmp_path / "many" / f"t{i}.wav", seconds=1.0, frequency=300 + 50 * i)
+    sources = discover_audio(tmp_path / "many")
+    tracks = [begun(store, source) for source in sources]
+    for track in tracks:
+        track.duration_seconds = 1.0
+    with store.manifest.engine.connect() as conn:  # each track holds its claim in the manifest
+        assert len(conn.execute(select(claims)).all()) == 4
+    commits = []
+
+    def committed(conn) -> None:
+        commits.append(conn)
+
+    event.listen(store.manifest.engine, "commit", committed)
+    try:
+        outcomes = settle_done([(track, 2) for track in tracks])
+    finally:
+        event.remove(store.manifest.engine, "commit", committed)
+    assert len(commits) == 1  # one write for the four tracks, not two per track (done, then the claim)
+    assert [o.status for o in outcomes] == ["done"] * 4
+    assert all(row(store, s)["status"] == DONE and row(store, s)["n_windows"] == 2 for s in sources)
+    with store.manifest.engine.connect() as conn:
+        assert conn.execute(select(claims)).all() == []
+    assert all(is_free(store, source) for source in sources)
+
+
+def test_tracks_settled_together_are_all_given_back_when_the_manifest_write_fails(store, tmp_path, monkeypatch):
+    for i in range(3):
+        write_audio(tmp_path / "many" / f"t{i}.wav", seconds=1.0, frequency=300 + 50 * i)
+    sources = discover_audio(tmp_path / "many")
+    tracks = [begun(store, source) for source in sources]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "mark_done_many", disk_full)
+    with pytest.raises(OSError):
+        settle_done([(track, 1) for track in tracks])
+    monkeypatch.undo()
+    assert all(is_free(store, source) for source in sources)  # every lock released, every claim deleted
+    assert all((row(store, s)["status"], row(store, s)["unfinished"]) == (PENDING, 1) for s in sources)
+
+
 def test_failed_records_the_reason_and_releases(store, source):
     with begun(store, source) as track:
         outcome = track.failed("preprocess", InputError(source.path, "not audio", "preprocess"))
@@ -113,7 +159,7 @@ def test_an_outcome_that_cannot_be_written_still_releases_but_counts_as_unfinish
         raise OSError(28, "No space left on device")
 
     with begun(store, source) as track:
-        monkeypatch.setattr(Manifest, "mark_done", manifest_full)
+        monkeypatch.setattr(Manifest, "mark_done_many", manifest_full)
         with pytest.raises(OSError):
             track.done(n_windows=1)
         monkeypatch.undo()

@@ -61,3 +61,23 @@ def test_a_model_with_its_own_hidden_states_is_asked_through_them(tiny: LoadedMo
     extractor = Extractor(counting, WINDOW, batch_size=2)
     extractor.embed(_windows(3))
     assert counting.calls == [2, 1]
+
+
+def test_the_jobs_a_batch_completes_come_out_together_as_soon_as_it_runs(tiny: LoadedModel) -> None:
+    from mess_ai.features.extractor import TrackJob
+
+    windows = _windows(5, seed=3)
+    one = lambda name, i: TrackJob(name, windows[i], [(0, WINDOW)])  # noqa: E731
+    jobs = [one("a", 0), one("b", 1), TrackJob("c", np.concatenate(windows[2:4]), [(0, WINDOW), (WINDOW, WINDOW)]),
+            one("d", 4)]
+    seen = []  # what the model had run when each group came out
+
+    extractor = Extractor(tiny, WINDOW, batch_size=2)
+    for group in extractor.run_batches(iter(jobs)):
+        seen.append(([job.track_id for job in group], extractor.stats.batches))
+    # a and b share the first batch, c fills the second, d runs alone in a last, short one: each group is handed
+    # over right after the batch that completed it, before the next batch runs
+    assert seen == [(["a", "b"], 1), (["c"], 2), (["d"], 3)]
+    assert all(job.complete and job.error is None for job in jobs)
+    again = [dataclasses.replace(job, segments=None, windows_done=0) for job in jobs]
+    assert [job.track_id for job in Extractor(tiny, WINDOW, batch_size=2).run(iter(again))] == ["a", "b", "c", "d"]

@@ -62,8 +62,9 @@ def _as_owner(command: list[str]) -> list[str]:
 
 
 @contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """Start a cluster with trust authentication on 127.0.0.1 only; stop it and delete its files afterwards."""
+def postgres_server(durable: bool = False) -> Iterator[PostgresServer]:
+    """Start a cluster with trust authentication on 127.0.0.1 only; stop it and delete its files afterwards.
+    ``durable``: commits are fsynced, as on a real server (off for tests: ``-F``)."""
     binaries = bin_dir()
     if binaries is None:
         raise RuntimeError(unavailable_reason())
@@ -78,7 +79,7 @@ def postgres_server() -> Iterator[PostgresServer]:
                                   "--encoding=UTF8", "--no-sync"]), check=True, capture_output=True)
         started = subprocess.run(_as_owner([
             str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-            "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start"]), capture_output=True, text=True)
+            "-o", f"-h 127.0.0.1 -p {port} -k {root}" + ("" if durable else " -F"), "start"]), capture_output=True, text=True)
         if started.returncode != 0:
             detail = log.read_text(errors="replace") if log.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start:\n{started.stdout}{started.stderr}\n{detail}")

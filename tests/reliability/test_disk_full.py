@@ -200,7 +200,7 @@ def test_failed_run_releases_its_track_locks(tmp_path, tiny_model, monkeypatch):
     def manifest_full(self, *args, **kwargs):
         raise sqlalchemy.exc.OperationalError("UPDATE tracks", {}, sqlite3.OperationalError("database or disk is full"))
 
-    monkeypatch.setattr(Manifest, "mark_done", manifest_full)
+    monkeypatch.setattr(Manifest, "mark_done_many", manifest_full)
     with pytest.raises(sqlalchemy.exc.OperationalError):  # as raised by the stand-in: the run stops on it
         run_extraction(audio, tmp_path / "store", config=_config(tiny_model))
     monkeypatch.undo()
@@ -226,7 +226,7 @@ def test_failed_chunk_of_the_flow_releases_its_track_locks(tmp_path, tiny_model,
     try:
         jobs = list(session.preprocess(session.validate(session.plan(session.discover(audio)))))
         assert len(jobs) == 4
-        monkeypatch.setattr(Manifest, "mark_done", manifest_full)
+        monkeypatch.setattr(Manifest, "mark_done_many", manifest_full)
         with pytest.raises(sqlalchemy.exc.OperationalError):
             session.extract(jobs)
         monkeypatch.undo()
