@@ -1,13 +1,15 @@
 """The model's side of extraction: one model worker per device (each GPU of the host, or the one device asked for),
 each with its own copy of the model and its own extractor, loaded on first use only (the dataset's provenance written
-with the first), and prepared tracks run through a free worker inside a slot, each track's features written and
-checked as its windows complete."""
+with the first), and prepared tracks run through a free worker inside a slot; the tracks each batch finishes are
+written, checked and recorded done together, behind the model (``WriteBehind``)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from mess_ai.features.device_locks import hold_device
 from mess_ai.features.extractor import Extractor, TrackJob
 from mess_ai.features.loaded import LoadedModel
 from mess_ai.store import FeatureStore
+
+# How often a wait on the writer looks again (for its error, and to say what it is doing).
+_LOOK_AGAIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -162,21 +167,31 @@ class ModelStage:
                     if extractor.stats.batches != batches:  # a turn given up before any batch held no model work
                         self.stats.add_model_work(started, time.time(), device)
 
+    # Whether the tracks a batch finishes are written by a thread of their own while the model runs the next
+    # batches (see ``WriteBehind``); the settle benchmark turns it off to compare.
+    write_behind = True
+
     def _run(self, jobs: Iterator[TrackJob], worker: ModelWorker, doing: str) -> list[FileOutcome]:
         """The model's work on ``jobs`` on ``worker``'s device, the tracks each batch completes written together
-        as soon as it completes."""
-        outcomes = []
+        as soon as it completes: behind the model, by a thread of their own (``write_behind``), or here."""
         extractor = worker.extractor
         try:
             with self.stats.watch("extract"):
                 on_raw = _write_raw_window if self.config.keep_raw else None
                 self.activity.set(doing)
-                for finished in extractor.run_batches(jobs, on_raw=on_raw):
-                    outcomes += self._finish(finished, worker.device)
-                    self.activity.set(doing)
+                if not self.write_behind:
+                    outcomes = []
+                    for finished in extractor.run_batches(jobs, on_raw=on_raw):
+                        outcomes += self._finish(finished, worker.device)
+                        self.activity.set(doing)
+                    return outcomes
+                with WriteBehind(lambda finished: self._finish(finished, worker.device), self.activity) as behind:
+                    for finished in extractor.run_batches(jobs, on_raw=on_raw):
+                        behind.put(finished)
+                        self.activity.set(doing)
+                return behind.outcomes
         finally:
             self.stats.add_first_window(extractor.stats.first_batch_at)
-        return outcomes
 
     def _finish(self, jobs: list[TrackJob], device: str) -> list[FileOutcome]:
         """Write the features of tracks the model finished together on ``device``, check them, and record their
@@ -210,6 +225,85 @@ class ModelStage:
             for outcome in settle_done([(job.context, job.n_windows) for job in written]):
                 record(outcome)
         return outcomes
+
+
+class WriteBehind:
+    """Writes the tracks the model finishes (``finish``: their files, checks and manifest records) in a thread of its
+    own, so the model's next batches run meanwhile: on a GPU a batch of short files takes about as long as writing
+    them (docs/benchmarks.md, settle), and written on the model's thread the device would wait for every write.
+
+    At most ``depth`` groups wait to be written: ``put`` waits beyond that (the features held stay bounded; each
+    track's decoded audio is let go when it is queued). Leaving the block waits for every write, so the tracks are
+    settled (done, failed, or given back by the caller) before the work ends, and a write's error that escapes
+    ``finish`` (the manifest cannot be written) is raised from ``put`` or from the block, the groups after it left
+    unwritten for the caller to give back. While the model's thread waits for the writer, it says what the writer
+    is doing (``activity``), so a time-out names the file a stuck write is on."""
+
+    def __init__(self, finish: Callable[[list[TrackJob]], list[FileOutcome]], activity: Activity,
+                 depth: int = 2) -> None:
+        self.outcomes: list[FileOutcome] = []
+        self._finish, self._activity = finish, activity
+        self._queue: queue.Queue[list[TrackJob] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        # With the caller's context variables, as the model's thread has them (a run's logging context).
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._write,),
+                                        name="mess-ai-write-behind", daemon=True)
+
+    def __enter__(self) -> "WriteBehind":
+        self._thread.start()
+        return self
+
+    def put(self, finished: list[TrackJob]) -> None:
+        for job in finished:
+            job.signal = job.signal[:0]  # written from its segments: the audio is not needed any more
+        self._wait(lambda: self._queue.put(finished, timeout=_LOOK_AGAIN_SECONDS))
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._thread.is_alive():
+            self._wait(lambda: self._queue.put(None, timeout=_LOOK_AGAIN_SECONDS), raise_error=False)
+            self._wait(lambda: self._joined(), raise_error=False)
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def _joined(self) -> None:
+        self._thread.join(_LOOK_AGAIN_SECONDS)
+        if self._thread.is_alive():
+            raise queue.Full  # not yet: look again
+
+    def _wait(self, attempt: Callable[[], None], raise_error: bool = True) -> None:
+        """``attempt`` until it goes through (it raises ``queue.Full`` while it cannot), meanwhile saying what
+        the writer is doing; raises the writer's error instead once it has stopped on one."""
+        before = self._activity.of(threading.get_ident())
+        try:
+            while True:
+                if self._error is not None and (raise_error or not self._thread.is_alive()):
+                    if raise_error:
+                        raise self._error
+                    return
+                try:
+                    attempt()
+                    return
+                except queue.Full:
+                    doing, track_id, stage = self._activity.of(self._thread.ident or 0)
+                    if doing:
+                        self._activity.set(f"waiting for the writes behind the model ({doing})", track_id, stage)
+        finally:
+            if before[0] is not None:
+                self._activity.set(*before)
+
+    def _write(self) -> None:
+        while True:
+            finished = self._queue.get()
+            if finished is None:
+                return
+            if self._error is not None:
+                continue  # stopped: left for the caller to give back
+            try:
+                self.outcomes += self._finish(finished)
+            except BaseException as exc:  # noqa: BLE001 - raised on the model's thread
+                self._error = exc
+            finally:
+                self._activity.clear()
 
 
 def _write_raw_window(job: TrackJob, index: int, window: Any) -> None:
