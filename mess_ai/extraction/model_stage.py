@@ -290,6 +290,8 @@ class WriteBehind:
         finally:
             if before[0] is not None:
                 self._activity.set(*before)
+            else:
+                self._activity.clear()
 
     def _write(self) -> None:
         while True:
