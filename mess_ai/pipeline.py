@@ -283,9 +283,11 @@ class ExtractionSession:
                                           reason="another run is extracting it right now"))
             return None
         with track:  # given back here, unless handed over with its open file
-            if not self.still_pending([source]):  # finished by another run while we waited, or by a retry
+            # Its row, read once now that it is held: for the check below and for the attempt's record.
+            (state,) = self._file_states([source], Selection())
+            row = state.row
+            if not plan_files([state], self.key)[0].needs_work:  # finished by another run meanwhile, or a retry's
                 track.give_back()
-                row = self.store.manifest.get(self.store.dataset, source.track_id)
                 status = "unchanged" if row and row["status"] == DONE else "previously_failed"
                 self.stats.record(FileOutcome(source.track_id, source.relative, status), announce=False)
                 return None
@@ -293,7 +295,7 @@ class ExtractionSession:
             files = contextlib.ExitStack()
             try:
                 opened, error = files.enter_context(opened_or_error(source))
-                error = track.begin(opened, error)
+                error = track.begin(opened, error, row=row)
             except BaseException:
                 files.close()
                 raise

@@ -394,3 +394,35 @@ def test_short_files_one_batch_finishes_are_recorded_done_in_one_manifest_write(
     assert summary.done == 6
     assert groups == [3, 3]  # not six writes of one
     assert check_store(tmp_path / "store").ok
+
+
+def test_a_track_costs_the_manifest_two_reads_and_two_transactions_of_its_own(tmp_path, tiny_model, monkeypatch):
+    """Reads and writes by key, each once: the row read once the track is held (for the check that it is still to
+    do and for its attempt's record) and once in the transaction that records the attempt, the claim written; the
+    tracks a batch finishes are recorded done, and their claims deleted, in one transaction for the batch."""
+    from sqlalchemy import event
+
+    from mess_ai.store import Manifest
+
+    tracks = 8
+    for i in range(tracks):  # one 5 s window each: each batch of 4 finishes 4 tracks at once
+        write_audio(tmp_path / "audio" / f"clip{i}.wav", seconds=5.0, sample_rate=SR, frequency=300 + 40 * i)
+    statements, commits = [], []
+    real_init = Manifest.__init__
+
+    def counting_init(self, url):
+        real_init(self, url)
+        event.listen(self.engine, "before_cursor_execute",
+                     lambda conn, cursor, statement, *rest: statements.append(" ".join(statement.split()[:3])))
+        event.listen(self.engine, "commit", lambda conn: commits.append(conn))
+
+    monkeypatch.setattr(Manifest, "__init__", counting_init)
+    summary = run_extraction(tmp_path / "audio", tmp_path / "store", config=config(tiny_model, batch_size=4),
+                             decode_workers=0)
+    assert summary.done == tracks
+    row_reads = [s for s in statements if s.startswith("SELECT tracks.") and "count(" not in s]
+    # per track: 2 (was 3 before the row read under the lock was kept for the attempt's record); per run: the
+    # plan's read of the dataset, the integrity check's read of the run's tracks, and one spare
+    assert len(row_reads) <= 2 * tracks + 3, row_reads
+    # per track: its claim and its attempt's record; per batch of 4: one; per run: the dataset's record and spares
+    assert len(commits) <= 2 * tracks + tracks // 4 + 4, len(commits)

@@ -38,6 +38,10 @@ TIMEOUTS_BEFORE_GIVING_UP = 3
 UNFINISHED_BEFORE_GIVING_UP = 3
 
 
+# ``TrackAttempt.begin`` without a row from its caller: it reads the row itself.
+_UNREAD: Any = object()
+
+
 class _Unfinished(Exception):
     """Thrown into what an attempt left open, so that it is discarded rather than completed."""
 
@@ -88,13 +92,16 @@ class TrackAttempt:
         self._handed_over = True
         return self
 
-    def begin(self, opened: OpenedAudio | None = None, error: BaseException | None = None) -> BaseException | None:
+    def begin(self, opened: OpenedAudio | None = None, error: BaseException | None = None,
+              row: Any = _UNREAD) -> BaseException | None:
         """Record an attempt, with the hash of the bytes ``opened`` holds (the file opened once, the safe way, by the
         caller; ``error`` when that failed). Returns what stops the attempt before it starts: that error, a hash
         that cannot be read, or a poison file (the process died during its last ``UNFINISHED_BEFORE_GIVING_UP``
-        attempts on these bytes)."""
+        attempts on these bytes). ``row``: the track's manifest row (or None: none), when the caller has read it
+        since the track was taken (with at least ``PLAN_COLUMNS``); else it is read here."""
         manifest, dataset, source = self.store.manifest, self.store.dataset, self.source
-        row = manifest.get(dataset, source.track_id)
+        if row is _UNREAD:
+            row = manifest.get(dataset, source.track_id)
         stat, sha = None, None
         if opened is not None and error is None:
             try:
