@@ -108,15 +108,12 @@ def _settle_grouped(store: Any, jobs: list, group: int) -> None:
         settle_done([(job.context, 1) for job in part])
 
 
-def _feed(workdir: Path, clips: int, write_behind: bool, label: str) -> tuple[float, float]:
-    """The model stage over ``clips`` decoded 5 s clips with the stand-in device: (wall seconds, device seconds)."""
+def _stand_in_device() -> Any:
+    """The overhead probe (MERT-v1-95M's shapes, zeros), each batch also taking the time MERT-v1-95M would take on
+    the GPU (``DEVICE_SPEED``: a sleep, which leaves the CPU free as a GPU's work does); ``busy``: those times."""
     import dataclasses
 
-    from bench.probe import OVERHEAD_PROBE, PROBE_REVISION, OverheadProbeModel, overhead_probe
-    from mess_ai.config import ExtractConfig
-    from mess_ai.extraction.model_stage import ModelStage
-    from mess_ai.pipeline import ExtractionSession
-    from tests.helpers.audio import write_audio
+    from bench.probe import OverheadProbeModel, overhead_probe
 
     @dataclasses.dataclass(frozen=True)
     class StandInDevice(OverheadProbeModel):
@@ -129,14 +126,37 @@ def _feed(workdir: Path, clips: int, write_behind: bool, label: str) -> tuple[fl
             return super().hidden_states(input_values)
 
     probe = overhead_probe()
-    device = StandInDevice(**{f.name: getattr(probe, f.name) for f in dataclasses.fields(OverheadProbeModel)})
-    audio = workdir / NAME / f"clips-{clips}"
+    return StandInDevice(**{f.name: getattr(probe, f.name) for f in dataclasses.fields(OverheadProbeModel)})
+
+
+def _clips(workdir: Path, clips: int, sample_rate: int, channels: int) -> Path:
+    """``clips`` WAV files of 5 s (one window each), written once per workdir."""
+    from tests.helpers.audio import write_audio
+
+    audio = workdir / NAME / f"clips-{clips}-{sample_rate}-{channels}"
     if not audio.exists():
         for index in range(clips):
-            write_audio(audio / f"clip{index:04d}.wav", seconds=5.0, sample_rate=24000, frequency=150 + index)
-    config = ExtractConfig(model=OVERHEAD_PROBE, revision=PROBE_REVISION, device="cpu", batch_size=FEED_BATCH)
-    session = ExtractionSession(workdir / NAME / "feed" / label, "clips", config, model_loader=lambda *a, **k: device,
-                                decode_workers=0)
+            write_audio(audio / f"clip{index:04d}.wav", seconds=5.0, sample_rate=sample_rate, channels=channels,
+                        frequency=150 + index)
+    return audio
+
+
+def _config() -> Any:
+    from bench.probe import OVERHEAD_PROBE, PROBE_REVISION
+    from mess_ai.config import ExtractConfig
+
+    return ExtractConfig(model=OVERHEAD_PROBE, revision=PROBE_REVISION, device="cpu", batch_size=FEED_BATCH)
+
+
+def _feed(workdir: Path, clips: int, write_behind: bool, label: str) -> tuple[float, float]:
+    """The model stage over ``clips`` decoded 5 s clips with the stand-in device: (wall seconds, device seconds)."""
+    from mess_ai.extraction.model_stage import ModelStage
+    from mess_ai.pipeline import ExtractionSession
+
+    device = _stand_in_device()
+    audio = _clips(workdir, clips, 24000, 1)
+    session = ExtractionSession(workdir / NAME / "feed" / label, "clips", _config(),
+                                model_loader=lambda *a, **k: device, decode_workers=0)
     try:
         jobs = list(session.preprocess(session.validate(session.plan(session.discover(audio)))))
         before, ModelStage.write_behind = ModelStage.write_behind, write_behind
@@ -151,6 +171,21 @@ def _feed(workdir: Path, clips: int, write_behind: bool, label: str) -> tuple[fl
     if sum(o.status == "done" for o in outcomes) != clips:
         raise RuntimeError(f"{label}: {sum(o.status == 'done' for o in outcomes)} of {clips} clips done")
     return wall, sum(device.busy)
+
+
+def _whole_run(workdir: Path, clips: int, workers: int, label: str) -> tuple[float, float, float]:
+    """``run_extraction`` over ``clips`` 5 s clips as recorded (44.1 kHz stereo: decoded, downmixed, resampled)
+    with the stand-in device and ``workers`` decode workers: (wall seconds, device seconds, audio seconds)."""
+    from mess_ai.pipeline import run_extraction
+
+    device = _stand_in_device()
+    started = time.perf_counter()
+    summary = run_extraction(_clips(workdir, clips, 44100, 2), workdir / NAME / "whole" / label, dataset="clips",
+                             config=_config(), model_loader=lambda *a, **k: device, decode_workers=workers)
+    wall = time.perf_counter() - started
+    if summary.done != clips:
+        raise RuntimeError(f"{label}: {summary.done} of {clips} clips done")
+    return wall, sum(device.busy), summary.audio_seconds
 
 
 def run(workdir: Path, quick: bool) -> dict[str, Any]:
@@ -219,6 +254,16 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
         add_figure(result, f"feeding the device, {words}: device busy share", share[way] * 100, "%")
     add_figure(result, "feeding the device: busy share behind / on the model's thread", share["behind"] / share["inline"],
                "ratio")
+    whole: dict[int, list[tuple[float, float, float]]] = {0: [], 2: []}
+    for attempt in range(repeats):
+        for workers in (0, 2) if attempt % 2 == 0 else (2, 0):
+            whole[workers].append(_whole_run(workdir, clips, workers, f"{attempt}-{workers}"))
+    for workers, runs in whole.items():
+        wall = statistics.median(w for w, _, _ in runs)
+        add_figure(result, f"whole pipeline (decoding included), {workers} decode workers: device busy share",
+                   statistics.median(b / w for w, b, _ in runs) * 100, "%")
+        add_figure(result, f"whole pipeline (decoding included), {workers} decode workers: throughput",
+                   statistics.median(a / w for w, _, a in runs), "audio s per s")
     sqlite = per_track["SQLite"]
     add_target(result, "tracks one batch finishes are recorded in one manifest write (issue 13: bulk writes)",
                f"SQLite {sqlite[ways[0][0]]:.2f} ms per track alone, {sqlite[ways[-1][0]]:.2f} ms in groups of 16",
@@ -243,6 +288,10 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
         f"stage timed from its call to its return (the last writes included), batches of {FEED_BATCH}; the device "
         f"is a STAND-IN (a sleep of the batch's audio seconds / {DEVICE_SPEED:g}), no GPU was used. Medians of "
         f"{repeats} runs of each way, in turn, after one untimed run.",
+        f"Whole pipeline: run_extraction over {clips} clips of 5 s as recorded (44.1 kHz stereo 16-bit WAV, decoded, "
+        "downmixed and resampled), the same stand-in device, with 0 and 2 decode workers: every track taken, its "
+        "bytes hashed, its attempt recorded, decoded, through the device and written. On this 2-core machine the "
+        "decoding side bounds it; the figures say how far from the device's speed a run of short clips is here.",
     ]
     result["details"] = {"tracks": count, "ms_per_track": per_track, "feed_clips": clips,
                          "feed_wall_and_busy_seconds": feed}
