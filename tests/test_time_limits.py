@@ -150,6 +150,37 @@ def test_a_model_call_that_never_returns_fails_the_run_and_frees_the_gpu_slot(tm
 
 
 @pytest.mark.usefixtures("prefect_api")
+def test_a_write_that_never_returns_behind_the_model_fails_the_run_naming_its_file(tmp_path, tiny_model,
+                                                                                  monkeypatch):
+    audio = tmp_path / "audio"
+    write_audio(audio / "a.wav", seconds=3.0)
+    never = threading.Event()
+    real = FeatureStore.write_segments
+
+    def wedged(self, track_id, *args, **kwargs):  # a store on a disk that stopped answering
+        never.wait()
+        return real(self, track_id, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_segments", wedged)
+    try:
+        state = extract_flow(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
+                            device="cpu", files_per_task=1, gpu_limit="", chunk_time_limit_seconds=6,
+                            return_state=True)
+    finally:
+        never.set()
+    assert state.is_failed()
+    # the model's thread waits for the writer behind it, and says what the writer is stuck on
+    assert ("chunk 1 of 1 did not finish within its time limit of 6 s (stuck waiting for the writes behind the "
+            "model (writing the features of a.wav))") in state.message, state.message
+    fs = FeatureStore(tmp_path / "store", "audio")
+    try:
+        (row,) = fs.manifest.rows_by_track("audio").values()
+    finally:
+        fs.close()
+    assert (row["status"], row["failure_stage"]) == ("failed", "write")  # the file it was stuck on, recorded
+
+
+@pytest.mark.usefixtures("prefect_api")
 def test_a_run_past_its_own_time_limit_starts_no_more_chunks(tmp_path, tiny_model):
 
     audio = tmp_path / "audio"
