@@ -166,17 +166,17 @@ def test_a_write_that_never_returns_behind_the_model_fails_the_run_naming_its_fi
         state = extract_flow(audio_dir=str(audio), store=str(tmp_path / "store"), model=tiny_model,
                             device="cpu", files_per_task=1, gpu_limit="", chunk_time_limit_seconds=6,
                             return_state=True)
+        fs = FeatureStore(tmp_path / "store", "audio")
+        try:
+            (row,) = fs.manifest.rows_by_track("audio").values()  # read while the write is still stuck
+        finally:
+            fs.close()
     finally:
-        never.set()
+        never.set()  # the disk answers again: the stuck writer may finish the track after all
     assert state.is_failed()
     # the model's thread waits for the writer behind it, and says what the writer is stuck on
     assert ("chunk 1 of 1 did not finish within its time limit of 6 s (stuck waiting for the writes behind the "
             "model (writing the features of a.wav))") in state.message, state.message
-    fs = FeatureStore(tmp_path / "store", "audio")
-    try:
-        (row,) = fs.manifest.rows_by_track("audio").values()
-    finally:
-        fs.close()
     assert (row["status"], row["failure_stage"]) == ("failed", "write")  # the file it was stuck on, recorded
 
 
