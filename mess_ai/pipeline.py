@@ -207,8 +207,13 @@ class ExtractionSession:
 
     def still_pending(self, sources: list[AudioSource]) -> list[AudioSource]:
         """The subset of ``sources`` not settled since planning (used when a chunk is retried)."""
-        decisions = plan_files(self._file_states(sources, Selection()), self.key)
-        return [source for source, decision in zip(sources, decisions) if decision.needs_work]
+        return [source for source, (_, needed) in zip(sources, self._recheck(sources)) if needed]
+
+    def _recheck(self, sources: list[AudioSource]) -> list[tuple[FileState, bool]]:
+        """Each source's state now (its manifest row read by key) and whether it still needs work: not settled
+        since planning, by another run or by an earlier try of a retried chunk."""
+        states = self._file_states(sources, Selection())
+        return [(state, decision.needs_work) for state, decision in zip(states, plan_files(states, self.key))]
 
     # --- validate, preprocess ------------------------------------------------------------------------------
     def validate(self, sources: list[AudioSource]) -> list[AudioSource]:
@@ -284,9 +289,9 @@ class ExtractionSession:
             return None
         with track:  # given back here, unless handed over with its open file
             # Its row, read once now that it is held: for the check below and for the attempt's record.
-            (state,) = self._file_states([source], Selection())
+            ((state, needed),) = self._recheck([source])
             row = state.row
-            if not plan_files([state], self.key)[0].needs_work:  # finished by another run meanwhile, or a retry's
+            if not needed:  # finished by another run meanwhile, or by a retried chunk's earlier try
                 track.give_back()
                 status = "unchanged" if row and row["status"] == DONE else "previously_failed"
                 self.stats.record(FileOutcome(source.track_id, source.relative, status), announce=False)
