@@ -34,6 +34,18 @@ def decode_workers() -> list[psutil.Process]:
             if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and WORKER_MODULE in child.cmdline()]
 
 
+def stopped_decoder() -> psutil.Process:
+    """The one live decoding process, waited for (the pool starts it as it is made; until it has exec'd it shows
+    this process's command line) and stopped, so that it cannot answer the file about to be handed to it before
+    the test kills it."""
+    deadline = time.monotonic() + 30
+    while not (workers := decode_workers()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [worker] = workers
+    worker.send_signal(signal.SIGSTOP)
+    return worker
+
+
 def config(model: str) -> ExtractConfig:
     return ExtractConfig(model=model, device="cpu")
 
@@ -150,11 +162,12 @@ def test_a_worker_killed_while_decoding_fails_that_file_and_another_takes_over(t
     killed: list[int] = []
 
     def kill_the_decoder_of_long(session, open_track):
+        if open_track.track.source.relative != "long.wav":
+            return submit(session, open_track)
+        worker = stopped_decoder()
         future = submit(session, open_track)
-        if open_track.track.source.relative == "long.wav":
-            [worker] = decode_workers()
-            killed.append(worker.pid)
-            worker.send_signal(signal.SIGKILL)  # as the kernel does to a process that takes too much memory
+        killed.append(worker.pid)
+        worker.send_signal(signal.SIGKILL)  # as the kernel does to a process that takes too much memory
         return future
 
     monkeypatch.setattr(ExtractionSession, "submit", kill_the_decoder_of_long)
@@ -181,9 +194,9 @@ def test_a_file_its_decoding_process_dies_on_again_and_again_is_given_up_on(tmp_
     submit = ExtractionSession.submit
 
     def killing(session, open_track):
+        worker = stopped_decoder()
         future = submit(session, open_track)
-        for worker in decode_workers():
-            worker.send_signal(signal.SIGKILL)
+        worker.send_signal(signal.SIGKILL)
         return future
 
     monkeypatch.setattr(ExtractionSession, "submit", killing)
