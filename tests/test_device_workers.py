@@ -100,6 +100,20 @@ def test_a_plain_python_run_spreads_its_files_over_every_device(tmp_path, tiny_m
     assert summary.done == 4 and summary.files_by_device == {"stand-in:0": 2, "stand-in:1": 2}
 
 
+def test_works_one_after_the_other_take_turns_on_the_devices(tmp_path, tiny_model, two_gpus):
+    """A work that begins after another has ended takes the device fewer works have begun on (a plain run's
+    second stream may start after its first has finished: its files still go to the other device)."""
+    session, jobs = prepared(tmp_path, "a", tiny_model, files=6)
+    try:
+        for part in (jobs[:2], jobs[2:4], jobs[4:]):
+            session.extract(part)
+        summary = session.summary(tmp_path / "a", 1.0, [])
+    finally:
+        session.close()
+    by_file = {o.relative_path: o.device for o in summary.outcomes}
+    assert [by_file[f"a{i}.wav"] for i in range(6)] == ["stand-in:0"] * 2 + ["stand-in:1"] * 2 + ["stand-in:0"] * 2
+
+
 def test_two_runs_on_one_host_never_share_a_device_even_without_slots(tmp_path, tiny_model, two_gpus):
     """No concurrency limit at all (as when a limit's slot count is wrong): the devices' host-wide locks alone keep
     four chunks of two runs, all trying to run at once, to one chunk per device at a time."""

@@ -57,6 +57,7 @@ class ModelStage:
         self._loading: dict[str, threading.Lock] = {}
         self._host_locks: dict[str, str | None] | None = None
         self._works_on: collections.Counter[str] = collections.Counter()  # works of this process on each device
+        self._works_begun: collections.Counter[str] = collections.Counter()  # and all it has begun on each
         self._lock = threading.Lock()
 
     @property
@@ -143,20 +144,23 @@ class ModelStage:
         """A turn at the model, recorded as an interval of model work: the run's ``slot``, then a free device under
         its host-wide lock. Every later turn of the same work takes the device of its first (``chosen``): its
         extractor holds the batch in progress. A first turn tries the devices no other work of this process is on
-        first, so that works waiting for decoding (their turn given up) keep their devices to themselves."""
+        first, so that works waiting for decoding (their turn given up) keep their devices to themselves, and of
+        those the one it has begun the fewest works on, so that works are spread over the devices even when one
+        ends before the next begins."""
         locks = self._device_locks()
         with slot():
             if chosen:
                 wanted = {chosen["device"]: locks[chosen["device"]]}
             else:
                 with self._lock:
-                    order = sorted(locks, key=lambda device: self._works_on[device])
+                    order = sorted(locks, key=lambda device: (self._works_on[device], self._works_begun[device]))
                 wanted = {device: locks[device] for device in order}
             with hold_device(wanted) as device:
                 if not chosen:
                     chosen["device"] = device
                     with self._lock:
                         self._works_on[device] += 1
+                        self._works_begun[device] += 1
                 extractor = self._worker(device).extractor
                 started, batches, seconds = time.time(), extractor.stats.batches, extractor.stats.model_seconds
                 try:
