@@ -33,7 +33,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from mess_ai.errors import StoreError
 
@@ -134,6 +134,20 @@ class Done(NamedTuple):
     seconds_spent: float
     n_samples: int | None = None
     decoder_revision: int | None = None
+
+
+def _update_row(conn: Connection, dataset: str, track_id: str, **values: Any) -> None:
+    """Set ``values`` on the track's row, in the caller's transaction; ``StoreError`` when it has none."""
+    result = conn.execute(
+        tracks.update().where(tracks.c.dataset == dataset, tracks.c.track_id == track_id).values(**values))
+    if result.rowcount != 1:
+        raise StoreError(f"manifest has no row for {dataset}/{track_id}")
+
+
+def _delete_claim(conn: Connection, dataset: str, track_id: str, owner: str) -> None:
+    """Delete ``owner``'s claim on the track (if it still has it), in the caller's transaction."""
+    conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
+                                       claims.c.owner == owner))
 
 
 def unfinished_before(row: Mapping[str, Any] | None, sha256: str | None, config_key: str) -> int:
@@ -392,18 +406,14 @@ class Manifest:
         write, not two per track. Nothing is written when a track has no row (``StoreError``)."""
         with self.engine.begin() as conn:
             for track in done:
-                result = conn.execute(
-                    tracks.update().where(tracks.c.dataset == dataset, tracks.c.track_id == track.track_id).values(
-                        status=DONE, failure_stage=None, error_class=None, error_message=None, permanent=None,
-                        duration_seconds=track.duration_seconds, n_windows=track.n_windows,
-                        n_samples=track.n_samples, decoder_revision=track.decoder_revision,
-                        seconds_spent=track.seconds_spent, features_config_key=tracks.c.config_key,
-                        features_n_windows=track.n_windows, unfinished=0))
-                if result.rowcount != 1:
-                    raise StoreError(f"manifest has no row for {dataset}/{track.track_id}")
+                _update_row(conn, dataset, track.track_id, status=DONE, failure_stage=None, error_class=None,
+                            error_message=None, permanent=None, duration_seconds=track.duration_seconds,
+                            n_windows=track.n_windows, n_samples=track.n_samples,
+                            decoder_revision=track.decoder_revision, seconds_spent=track.seconds_spent,
+                            features_config_key=tracks.c.config_key, features_n_windows=track.n_windows,
+                            unfinished=0)
             for track_id, owner in release_claims:
-                conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
-                                                   claims.c.owner == owner))
+                _delete_claim(conn, dataset, track_id, owner)
 
     def mark_failed(self, dataset: str, track_id: str, *, stage: str, error_class: str, message: str,
                     permanent: bool, seconds_spent: float, duration_seconds: float | None = None,
@@ -446,8 +456,7 @@ class Manifest:
     @_database_errors("write")
     def release_claim(self, dataset: str, track_id: str, owner: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(claims.delete().where(claims.c.dataset == dataset, claims.c.track_id == track_id,
-                                               claims.c.owner == owner))
+            _delete_claim(conn, dataset, track_id, owner)
 
     @_database_errors("read")
     def claimed_by_other(self, dataset: str, track_id: str, owner: str, ignore_prefix: str | None = None) -> bool:
@@ -511,8 +520,4 @@ class Manifest:
     @_database_errors("write")
     def _update(self, dataset: str, track_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:
-            result = conn.execute(
-                tracks.update().where(tracks.c.dataset == dataset, tracks.c.track_id == track_id).values(**values)
-            )
-            if result.rowcount != 1:
-                raise StoreError(f"manifest has no row for {dataset}/{track_id}")
+            _update_row(conn, dataset, track_id, **values)
