@@ -50,6 +50,17 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(f"{name}: {json.dumps(data, sort_keys=True)}")
 
 
+@pytest.fixture
+def lock_dir(tmp_path, monkeypatch):
+    """The host's folder of device locks, of this test alone: the cache folder set above is shared by the
+    processes of ``pytest -n``, and a stand-in GPU another test holds would otherwise be taken from this one."""
+    from mess_ai.features.device_locks import lock_folder
+    from mess_ai.features.identity import CACHE_DIR_ENV
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    return lock_folder()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A MERT-v1-format checkpoint with random weights (hidden 32, 2 layers: 3 hidden states)."""

@@ -14,7 +14,6 @@ import pytest
 from mess_ai.config import ExtractConfig
 from mess_ai.features.device import STAND_IN_GPUS_ENV
 from mess_ai.features.extractor import TrackJob
-from mess_ai.features.identity import CACHE_DIR_ENV
 from mess_ai.pipeline import ExtractionSession, run_extraction
 from mess_ai.reporting import summary_table
 from tests.helpers.audio import write_audio
@@ -24,11 +23,9 @@ DEVICES = ["stand-in:0", "stand-in:1"]
 
 
 @pytest.fixture
-def two_gpus(tmp_path, monkeypatch) -> None:
+def two_gpus(lock_dir, monkeypatch) -> None:
+    """Two stand-in GPUs, their host-wide locks this test's own (``lock_dir``)."""
     monkeypatch.setenv(STAND_IN_GPUS_ENV, "2")
-    # The host's device locks of this test alone: under ``pytest -n`` another test holding a stand-in would take
-    # it from this one (the tests' cache folder, and its locks, are shared by the pytest processes).
-    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
 
 
 def prepared(tmp_path: Path, name: str, model: str, files: int = 4) -> tuple[ExtractionSession, list[TrackJob]]:

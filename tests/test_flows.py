@@ -17,7 +17,6 @@ import mess_ai.extraction.steps
 from flows.extract import balanced_files_per_chunk
 from mess_ai.audio import discover_audio
 from mess_ai.features.device import STAND_IN_GPUS_ENV
-from mess_ai.features.identity import CACHE_DIR_ENV
 from cli.report import print_summary
 from mess_ai.pipeline import RunSummary
 from mess_ai.reporting import artifact_key
@@ -203,11 +202,10 @@ def test_unloadable_model_fails_the_run(tmp_path):
     assert state.is_failed()
 
 
-def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model, monkeypatch):
+def test_two_runs_never_hold_more_than_the_limit(tmp_path, tiny_model, lock_dir, monkeypatch):
     """Two runs on a host of two (stand-in) GPUs, a limit of one slot: their model work takes turns, one chunk at a
     time over both runs."""
     monkeypatch.setenv(STAND_IN_GPUS_ENV, "2")
-    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))  # stand-in locks no other test of ``-n`` holds
     results = {}
 
     def one(name):

@@ -36,9 +36,9 @@ def decode_workers() -> list[psutil.Process]:
 
 def stopped_decoder() -> psutil.Process:
     """The one live decoding process, waited for (the pool starts it as it is made; until it has exec'd it shows
-    this process's command line) and stopped, so that it cannot answer the file about to be handed to it before
-    the test kills it."""
-    deadline = time.monotonic() + 30
+    this process's command line) and stopped (SIGSTOP): it answers nothing until it is killed, so a file handed
+    to it is never decoded first."""
+    deadline = time.monotonic() + 10
     while not (workers := decode_workers()) and time.monotonic() < deadline:
         time.sleep(0.01)
     [worker] = workers
@@ -218,11 +218,7 @@ def test_a_chunk_stuck_on_a_worker_times_out_and_closing_the_session_ends_the_wo
     session = ExtractionSession(tmp_path / "store", "audio", config(tiny_model), decode_workers=1)
     sources = session.validate(session.plan(session.discover(audio)))
     stream = session.decode_ahead([])  # starts the decoding process
-    deadline = time.monotonic() + 10
-    while not decode_workers() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    [worker] = decode_workers()
-    worker.send_signal(signal.SIGSTOP)  # a decoder that never answers, as on a dead network mount
+    stopped_decoder()  # a decoder that never answers, as on a dead network mount
     try:
         with pytest.raises(StageTimeout) as caught:
             run_within(lambda: session.extract(session.decode_ahead(sources)), 1.0, "chunk 1 of 1",

@@ -21,8 +21,7 @@ from mess_ai.features.device import (
     resolve_device,
     torch_device,
 )
-from mess_ai.features.device_locks import hold_device, lock_folder
-from mess_ai.features.identity import CACHE_DIR_ENV
+from mess_ai.features.device_locks import hold_device
 
 
 def test_resolve_device() -> None:
@@ -67,12 +66,6 @@ def test_stand_in_gpus_are_the_cpu_under_names_of_their_own(monkeypatch) -> None
 # --- host-wide device locks -----------------------------------------------------------------------------------
 
 STAND_INS = {"stand-in:0": "stand-in-0", "stand-in:1": "stand-in-1"}
-
-
-@pytest.fixture
-def lock_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
-    return lock_folder()
 
 
 def test_a_device_another_process_holds_is_left_to_it_until_that_process_dies(lock_dir) -> None:
